@@ -1,0 +1,69 @@
+"""The denoiser f(x_t, t) -> x̂0: the reference DiffRec DNN (DESIGN.md §4).
+
+Input dropout, the input joined with a learned projection of a sinusoidal step
+embedding, mirrored tanh hidden layers, linear output of the input size:
+dims [200, 600] gives (N+emb -> 600 -> 200) then (200 -> 600 -> N).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B, dim) sinusoidal embedding [cos, sin] of integer steps (as the reference)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def xavier_normal_(layer: nn.Linear, fan_in: int | None = None) -> None:
+    """Reference init: weight ~ N(0, 2/(fan_in+fan_out)), bias ~ N(0, 0.001^2)."""
+    fan_out, own_fan_in = layer.weight.shape
+    std = math.sqrt(2.0 / ((fan_in or own_fan_in) + fan_out))
+    nn.init.normal_(layer.weight, 0.0, std)
+    if layer.bias is not None:
+        nn.init.normal_(layer.bias, 0.0, 0.001)
+
+
+class Denoiser(nn.Module):
+    def __init__(self, n_in: int, dims: list[int], emb_size: int = 10, dropout: float = 0.5, norm: bool = False):
+        super().__init__()
+        self.n_in, self.emb_size, self.norm = n_in, emb_size, norm
+        hidden = list(reversed(dims))          # encoder half: N -> dims[-1] -> ... -> dims[0]
+        self.time_proj = nn.Linear(emb_size, emb_size)
+        # The first layer acts on [x, emb] (size N+emb). It is kept as two pieces so the
+        # step term is added by addmm instead of copying x into a concatenated tensor.
+        self.input_layer = nn.Linear(n_in, hidden[0])
+        self.time_layer = nn.Linear(emb_size, hidden[0], bias=False)
+        sizes_in = hidden                      # then hidden[0] -> ... -> hidden[-1]
+        self.in_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes_in[:-1], sizes_in[1:]))
+        sizes_out = dims + [n_in]              # dims[0] -> ... -> dims[-1] -> N
+        self.out_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes_out[:-1], sizes_out[1:]))
+        self.dropout = nn.Dropout(dropout)
+        for layer in [self.time_proj, *self.in_layers, *self.out_layers]:
+            xavier_normal_(layer)
+        xavier_normal_(self.input_layer, fan_in=n_in + emb_size)
+        xavier_normal_(self.time_layer, fan_in=n_in + emb_size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_proj(timestep_embedding(t, self.emb_size))
+        if self.norm:
+            x = F.normalize(x)
+        x = self.dropout(x)
+        step_term = F.linear(emb, self.time_layer.weight, self.input_layer.bias)
+        h = torch.addmm(step_term, x, self.input_layer.weight.t()).tanh_()
+        for layer in self.in_layers:
+            h = layer(h).tanh_()
+        for i, layer in enumerate(self.out_layers):
+            h = layer(h)
+            if i < len(self.out_layers) - 1:
+                h = h.tanh_()
+        return h
