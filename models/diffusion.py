@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MAX_BETA = 0.999
@@ -106,7 +107,7 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn_like(x0)
         abar = self._take(self.alphas_cumprod, t, x0)
-        return abar.sqrt() * x0 + (1.0 - abar).sqrt() * noise
+        return torch.addcmul(abar.sqrt() * x0, (1.0 - abar).sqrt(), noise)   # one pass fewer
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean and variance of q(x_{t-1} | x_t, x0)."""
@@ -225,7 +226,7 @@ class GaussianDiffusion(nn.Module):
         x_t = self.q_sample(x0, t, noise)
         output = denoiser(x_t, t)
         target = x0 if self.mean_type == "x0" else noise
-        mse = (output - target).pow(2).mean(1)
+        mse = F.mse_loss(output, target, reduction="none").mean(1)   # fused, also in backward
         loss = mse
         if self.reweight and self.has_noise:
             first = t == 0

@@ -159,3 +159,19 @@ def test_bad_cluster_arrays():
         ClusterVAE(np.array([0, 0, 2, 2]), latent_size=6)
     with pytest.raises(ValueError):
         ClusterVAE(np.array([0, 1, 5]), latent_size=6, n_clusters=3)
+
+
+def test_wide_linear_matches_f_linear_with_gradients():
+    from models.denoiser import WideLinear
+    torch.manual_seed(0)
+    h = torch.randn(5, 7, requires_grad=True)
+    w = torch.randn(30, 7, requires_grad=True)
+    b = torch.randn(30, requires_grad=True)
+    target = torch.randn(5, 30)
+    out = WideLinear.apply(h, w, b)
+    torch.testing.assert_close(out, F.linear(h, w, b))
+    grads = torch.autograd.grad(F.mse_loss(out, target), (h, w, b))
+    expected = torch.autograd.grad(F.mse_loss(F.linear(h, w, b), target), (h, w, b))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(WideLinear.apply, (h.double(), w.double(), b.double()))
