@@ -249,6 +249,27 @@ class GaussianDiffusion(nn.Module):
         Without noise (s = 0) the model is simply applied T times."""
         if sampling_steps > 0:
             x = self.q_sample(x, torch.full((x.shape[0],), sampling_steps - 1, device=x.device))
+        if getattr(denoiser, "is_affine_in_x", False):
+            p, q = self.reverse_affine_coefficients()
+            return denoiser.iterate_affine(x, list(reversed(range(self.steps))), p.tolist(), q.tolist())
+        return self.sample_stepwise(denoiser, x)
+
+    def reverse_affine_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p, q) with one reverse step being x_{t-1} = p_t x_t + q_t f(x_t, t)
+        (posterior mean given x̂0; for eps-prediction x̂0 is itself affine in x_t
+        and f; without noise x_{t-1} = f)."""
+        if not self.has_noise:
+            return torch.zeros(self.steps, dtype=torch.float64), torch.ones(self.steps, dtype=torch.float64)
+        c1 = self.posterior_mean_coef1.double().cpu()
+        c2 = self.posterior_mean_coef2.double().cpu()
+        if self.mean_type == "x0":
+            return c2, c1
+        abar = self.alphas_cumprod.double().cpu()
+        return c1 / abar.sqrt() + c2, -c1 * (1.0 - abar).sqrt() / abar.sqrt()
+
+    @torch.no_grad()
+    def sample_stepwise(self, denoiser: Callable, x: torch.Tensor) -> torch.Tensor:
+        """The reverse process one network call per step (reference form)."""
         for i in reversed(range(self.steps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             if not self.has_noise:

@@ -37,37 +37,24 @@ def drop_items(ranked: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor
     return torch.where(slots < n_keep, out, torch.full_like(out, -1))
 
 
-def _concat_lists(a: pa.Array, b: pa.Array) -> pa.Array:
-    """Row-wise concatenation of two list arrays (train + valid histories)."""
-    ia, va = csr_from_lists(a)
-    ib, vb = csr_from_lists(b)
-    la, lb = ia[1:] - ia[:-1], ib[1:] - ib[:-1]
-    rows = torch.cat([torch.repeat_interleave(torch.arange(len(la)), la),
-                      torch.repeat_interleave(torch.arange(len(lb)), lb)])
-    order = torch.argsort(rows, stable=True)
-    values = torch.cat([va, vb])[order]
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(la + lb, 0)])
-    return pa.ListArray.from_arrays(pa.array(offsets.numpy().astype("int32")),
-                                    pa.array(values.numpy().astype("int32")))
-
-
 def iter_batches(users: pa.Table, batch_size: int) -> Iterable[pa.Table]:
     for start in range(0, users.num_rows, batch_size):
         yield users.slice(start, batch_size)
 
 
-def evaluate_batch(rank_topk: RankFn, batch: pa.Table, n_items: int, metrics: dict[str, RankingMetrics],
-                   test_input: str = TEST_INPUT_TRAIN, device="cpu") -> None:
-    """Score one batch of user rows and add it to ``metrics`` (keys among
-    'valid', 'test'). Works on any slice of users, so each worker can evaluate
-    its own shard and all-reduce the sums."""
+def evaluate_batch(rank_topk: RankFn, train: HistoryBatch, valid, test, metrics: dict[str, RankingMetrics],
+                   test_input: str = TEST_INPUT_TRAIN) -> None:
+    """Score one batch of users and add it to ``metrics`` (keys among 'valid',
+    'test'). ``train`` is the input history; ``valid`` and ``test`` are CSR
+    ``(indptr, indices)`` targets on the same device. Works on any slice of
+    users, so each worker evaluates its own shard and all-reduces the sums."""
     max_k = max(max(m.ks) for m in metrics.values())
-    train = HistoryBatch.from_lists(batch["train_items"], n_items).to(device)
-    v_ptr, v_idx = (t.to(device) for t in csr_from_lists(batch["valid_items"]))
-    t_ptr, t_idx = (t.to(device) for t in csr_from_lists(batch["test_items"]))
+    n_items = train.n_items
+    v_ptr, v_idx = valid
+    t_ptr, t_idx = test
     need_test = "test" in metrics
     if test_input == TEST_INPUT_TRAIN or not need_test:
-        extra = int((v_ptr[1:] - v_ptr[:-1]).max()) if need_test and batch.num_rows else 0
+        extra = int((v_ptr[1:] - v_ptr[:-1]).max()) if need_test and train.size else 0
         ranked = rank_topk(train, min(max_k + extra, n_items))
         if "valid" in metrics:
             metrics["valid"].update(_pad(ranked[:, :max_k], max_k), v_ptr, v_idx)
@@ -76,8 +63,28 @@ def evaluate_batch(rank_topk: RankFn, batch: pa.Table, n_items: int, metrics: di
         return
     if "valid" in metrics:
         metrics["valid"].update(_pad(rank_topk(train, min(max_k, n_items)), max_k), v_ptr, v_idx)
-    both = HistoryBatch.from_lists(_concat_lists(batch["train_items"], batch["valid_items"]), n_items).to(device)
+    both = concat_histories(train, v_ptr, v_idx)
     metrics["test"].update(_pad(rank_topk(both, min(max_k, n_items)), max_k), t_ptr, t_idx)
+
+
+def concat_histories(train: HistoryBatch, ptr: torch.Tensor, idx: torch.Tensor) -> HistoryBatch:
+    """Row-wise train + other items (e.g. valid), train first."""
+    la, lb = train.lengths, ptr[1:] - ptr[:-1]
+    device = train.items.device
+    rows = torch.cat([torch.repeat_interleave(torch.arange(len(la), device=device), la),
+                      torch.repeat_interleave(torch.arange(len(lb), device=device), lb)])
+    order = torch.argsort(rows, stable=True)
+    items = torch.cat([train.items, idx.to(device)])[order]
+    indptr = torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.cumsum(la + lb, 0)])
+    return HistoryBatch(indptr, items, train.n_items)
+
+
+def table_batch(batch: pa.Table, n_items: int, device="cpu"):
+    """(train HistoryBatch, valid CSR, test CSR) of a table of user rows."""
+    train = HistoryBatch.from_lists(batch["train_items"], n_items).to(device)
+    valid = tuple(t.to(device) for t in csr_from_lists(batch["valid_items"]))
+    test = tuple(t.to(device) for t in csr_from_lists(batch["test_items"]))
+    return train, valid, test
 
 
 def _pad(ranked: torch.Tensor, k: int) -> torch.Tensor:
@@ -94,7 +101,7 @@ def evaluate(rank_topk: RankFn, users: pa.Table, n_items: int, splits=("valid", 
     """Metrics per split, e.g. ``{"valid": {"recall@20": ...}, "test": {...}}``."""
     metrics = {s: RankingMetrics(ks=ks) for s in splits}
     for batch in iter_batches(users, batch_size):
-        evaluate_batch(rank_topk, batch, n_items, metrics, test_input, device)
+        evaluate_batch(rank_topk, *table_batch(batch, n_items, device), metrics, test_input)
     return {s: m.result() for s, m in metrics.items()}
 
 
