@@ -8,7 +8,8 @@ then runs jobs/tune_ldiffrec.py's search from the paper's preset (jobs/configs/m
 LightGCN item embeddings for the clustering) with the default space
 (jobs/configs/tune-space.yaml) and ASHA on valid NDCG@20. Reports the best trial's validation
 metrics and the test metrics *of the epoch chosen on validation* (test is never used to
-choose); compare them with the paper's LT-DiffRec figures for ML-1M clean. Re-running with the same --name resumes the search.
+choose); compare them with the paper's LT-DiffRec figures for ML-1M clean.
+Re-running with the same --name resumes the search.
 On a 2-CPU machine one trial of ~100 epochs takes hours; use a GPU cluster
 (--gpus-per-worker 1) or lower epochs (epochs=30).
 """

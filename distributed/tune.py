@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from ray.tune.schedulers import ASHAScheduler
 
 from distributed.config import SELECT_METRICS, RunConfig, load_preset
 from distributed.tune_space import SearchSpace, SpaceError, canonical_key, check_constraints
@@ -322,6 +323,50 @@ def _tune_callback_class():
     return SearchMonitor
 
 
+class PersistentASHA(ASHAScheduler):
+    """ASHA whose rung records survive a resume: Tune restores the searcher but
+    not the scheduler, so a resumed search would compare new trials with nobody.
+    The records (trial id → metric per milestone) are kept in a JSON file."""
+
+    def __init__(self, state_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self._state_path = state_path
+        self._loaded = False
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        path = Path(self._state_path)
+        if path.exists():
+            saved = json.loads(path.read_text())
+            for bracket, rungs in zip(self._brackets, saved):
+                for (_, recorded), values in zip(bracket._rungs, rungs):
+                    recorded.update(values)
+
+    def _save(self) -> None:
+        try:
+            Path(self._state_path).write_text(json.dumps([[dict(recorded) for _, recorded in b._rungs]
+                                                          for b in self._brackets]))
+        except OSError:
+            pass
+
+    def on_trial_add(self, tune_controller, trial):
+        self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self._load()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._load()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+
 # ---------------------------------------------------------------- the driver --
 def load_space_file(path: str | None) -> tuple[dict, Path]:
     path = Path(path) if path else DEFAULT_SPACE
@@ -392,8 +437,6 @@ def run_search(opts: SearchOptions) -> dict:
     """Run (or resume) a search; returns the summary (also ``summary.json``)."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     from distributed.dataset_format import read_meta
     from distributed.ray_env import ensure_ray
     from distributed.trainer import prepare_clusters
@@ -438,7 +481,8 @@ def run_search(opts: SearchOptions) -> dict:
     ctx = {"space": plan["space"], "base": plan["base"], "meta": meta, "clusters": clusters,
            "resources": resources, "concurrent": concurrent, "search_path": search_path, "data_dir": state["data_dir"]}
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": TRIAL_DRIVER_CPUS})
-    _log(f"search {search_path}: {base.model.variant}, {space.trials_for(plan['samples'])} trials, ASHA on {metric_key} "
+    _log(f"search {search_path}: {base.model.variant}, {space.trials_for(plan['samples'])} trials, "
+         f"ASHA on {metric_key} "
          f"(grace {plan['grace_period']}, reduction {plan['reduction_factor']:g}, max {base.train.epochs} "
          f"epochs), {concurrent} at a time, {resources.workers} worker(s) x {resources.cpus_per_worker:g} CPU "
          f"per trial")
@@ -450,9 +494,9 @@ def run_search(opts: SearchOptions) -> dict:
     else:
         search_alg, searcher_name = make_searcher(opts.searcher, metric_key, opts.seed, space.has_grid,
                                                     concurrent)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=base.train.epochs,
-                                  grace_period=plan["grace_period"],
-                                  reduction_factor=plan["reduction_factor"])
+        scheduler = PersistentASHA(str(local_dir / "asha_rungs.json"), time_attr="epoch",
+                                   max_t=base.train.epochs, grace_period=plan["grace_period"],
+                                   reduction_factor=plan["reduction_factor"])
         bundle = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker}
                                                        if resources.gpus_per_worker else {})}
         monitor = _tune_callback_class()(str(local_dir / "tune_events.jsonl"), metric_key, base.train.epochs,
@@ -461,7 +505,9 @@ def run_search(opts: SearchOptions) -> dict:
             trainable, param_space=space.param_space(),
             tune_config=tune.TuneConfig(metric=metric_key, mode="max", search_alg=search_alg,
                                         scheduler=scheduler, num_samples=plan["samples"],
-                                        max_concurrent_trials=concurrent, time_budget_s=opts.time_budget_s),
+                                        # the random generator holds the limit itself (see make_searcher)
+                                        max_concurrent_trials=None if searcher_name == "random" else concurrent,
+                                        time_budget_s=opts.time_budget_s),
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[monitor],
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1))
         state["searcher"] = searcher_name
@@ -599,6 +645,7 @@ def plot_search(out: Path, rows: list[dict], space: SearchSpace, metric_key: str
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     params = list(space.params)
     scored = [r for r in rows if r[metric_key] is not None]
     n = max(1, len(params))
@@ -614,6 +661,7 @@ def plot_search(out: Path, rows: list[dict], space: SearchSpace, metric_key: str
         if p.dist.log_scale or (p.above is not None and p.op == "factor"):
             if all(isinstance(x, (int, float)) and x > 0 for x in xs):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(key, fontsize=8)
         ax.set_ylabel(f"best {metric_key}", fontsize=8)
         ax.tick_params(labelsize=7)
