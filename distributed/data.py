@@ -23,7 +23,7 @@ COLUMNS = ("user_idx",) + USER_LIST_COLUMNS
 def users_dataset(data_dir: str):
     """Ray Dataset of the prepared users (one row per user)."""
     import ray.data
-    return ray.data.read_parquet(user_files(data_dir), columns=list(COLUMNS))
+    return ray.data.read_parquet(user_files(data_dir)).select_columns(list(COLUMNS))
 
 
 class AllUsersDataConfig(DataConfig):

@@ -42,7 +42,7 @@ class SourceSpec:
     extra: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
-        out = {"kind": self.kind, "path": self.path}
+        out = {"kind": self.kind, "path": str(Path(self.path).resolve()) if self.path else None}
         if self.kind in ("parquet", "csv"):
             out.update(user_col=self.user_col, item_col=self.item_col,
                        time_col=self.time_col, rating_col=self.rating_col)

@@ -9,6 +9,7 @@ Train. A re-run with the same name/storage resumes from the last checkpoint.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -94,10 +95,10 @@ def evaluate_shard(model: DiffusionRecommender, shard: UserShard, run: RunConfig
     return out
 
 
-def _maybe_die(epoch: int, rank: int) -> None:
-    """Test hook for fault tolerance: DIFFREC_KILL_WORKER=<epoch>:<rank>:<marker file>
-    kills that worker's process once (the marker makes the restart survive)."""
-    spec = os.environ.get("DIFFREC_KILL_WORKER")
+def _maybe_die(spec: str | None, epoch: int, rank: int) -> None:
+    """Fault injection for the recovery tests: ``"<epoch>:<rank>:<marker file>"``
+    kills that worker's process at the start of that epoch, once (the marker
+    file lets the restarted worker live)."""
     if not spec:
         return
     at, who, marker = spec.split(":", 2)
@@ -133,7 +134,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     optimizer = make_optimizer(model, run)
     state = {"epoch": 0, "step": 0, "best": None, "bad_evals": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if cfg.get("evaluate_only"):
+        model.load_state_dict(torch.load(Path(cfg["evaluate_only"]) / MODEL_FILE, map_location="cpu",
+                                         weights_only=True))
+    elif checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
             saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
@@ -148,6 +152,18 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     t0 = time.time()
     shard = UserShard.from_iterator(ray.train.get_dataset_shard("train"), n_items)
+    if cfg.get("evaluate_only"):
+        result = evaluate_shard(model, shard, run)
+        report = {f"{split}/{k}": v for split in ("valid", "test") for k, v in result[split].items()}
+        report.update(valid_users=result["valid_users"], test_users=result["test_users"])
+        # Train V2 keeps only metrics that come with a checkpoint: attach a small one.
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                (Path(tmp) / "evaluation.json").write_text(json.dumps(report, indent=2))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(report, checkpoint=ckpt)
+        return
     sizes = torch.tensor([len(shard), len(shard)], dtype=torch.long)
     _all_reduce(sizes[:1], dist.ReduceOp.MAX if world > 1 else None)
     _all_reduce(sizes[1:])
@@ -160,7 +176,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     select = f"valid/{run.train.select_metric}"
     while state["epoch"] < run.train.epochs and state["bad_evals"] < run.train.patience:
         epoch = state["epoch"] + 1
-        _maybe_die(epoch, rank)
+        _maybe_die(cfg.get("kill_worker"), epoch, rank)
         model.train()
         t0 = time.time()
         loss_sum = torch.zeros(2, dtype=torch.float64)

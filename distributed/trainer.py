@@ -97,7 +97,7 @@ def validate_run(data_dir: str, config: RunConfig, resources: Resources) -> dict
 
 
 def build_trainer(data_dir: str, config: RunConfig, resources: Resources, storage: str, name: str,
-                  meta: dict, item_clusters=None, clusters_dir=None):
+                  meta: dict, item_clusters=None, clusters_dir=None, **loop_extras):
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -107,7 +107,7 @@ def build_trainer(data_dir: str, config: RunConfig, resources: Resources, storag
 
     loop_config = {"run": config.to_dict(), "meta": meta, "data_dir": str(Path(data_dir).resolve()),
                    "gpus_per_worker": resources.gpus_per_worker, "threads": resources.threads_per_worker,
-                   "item_clusters": item_clusters, "clusters_dir": clusters_dir}
+                   "item_clusters": item_clusters, "clusters_dir": clusters_dir, **loop_extras}
     dataset = users_dataset(data_dir)
     dataset = dataset.repartition(max(8 * resources.workers, 1))   # several blocks per worker to balance shards
     resources_per_worker = {"CPU": resources.cpus_per_worker}
@@ -126,17 +126,29 @@ def build_trainer(data_dir: str, config: RunConfig, resources: Resources, storag
             failure_config=FailureConfig(max_failures=resources.max_failures)))
 
 
-def train(data_dir: str, config: RunConfig, resources: Resources | None = None, storage: str | None = None,
-          name: str | None = None) -> dict:
-    """Train and evaluate; returns the run summary (also ``<run dir>/summary.json``)."""
+def _start(data_dir: str, config: RunConfig, resources: Resources | None):
     import ray
 
     from distributed.ray_env import ensure_ray
     resources = resources or Resources()
     meta = validate_run(data_dir, config, resources)
     ensure_ray()
-    resources = resources.resolve(ray.cluster_resources().get("CPU", 1.0))
-    storage = str(Path(storage or "runs").resolve()) if "://" not in str(storage or "") else storage
+    # Worker prints go to the console once (Ray Train would also re-log them).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    return meta, resources.resolve(ray.cluster_resources().get("CPU", 1.0))
+
+
+def _storage(storage: str | None) -> str:
+    return storage if "://" in str(storage or "") else str(Path(storage or "runs").resolve())
+
+
+def train(data_dir: str, config: RunConfig, resources: Resources | None = None, storage: str | None = None,
+          name: str | None = None, kill_worker: str | None = None) -> dict:
+    """Train and evaluate; returns the run summary (also ``<run dir>/summary.json``).
+    Re-running with the same ``storage``/``name`` resumes from the last checkpoint.
+    ``kill_worker`` ("epoch:rank:marker") is fault injection for the recovery tests."""
+    meta, resources = _start(data_dir, config, resources)
+    storage = _storage(storage)
     name = name or f"{config.model.variant}-{Path(data_dir).resolve().name}"
     run_dir = Path(storage) / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -146,11 +158,32 @@ def train(data_dir: str, config: RunConfig, resources: Resources | None = None, 
         item_clusters, clusters_dir = prepare_clusters(data_dir, config, meta, run_dir)
     _log(f"run {run_dir}: {config.model.variant} on {data_dir} with {resources.workers} worker(s) x "
          f"{resources.cpus_per_worker:g} CPU, {resources.gpus_per_worker} GPU, {resources.threads_per_worker} threads")
-    # Worker prints go to the console once (Ray Train would also re-log them).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    trainer = build_trainer(data_dir, config, resources, storage, name, meta, item_clusters, clusters_dir)
+    trainer = build_trainer(data_dir, config, resources, storage, name, meta, item_clusters, clusters_dir,
+                            kill_worker=kill_worker)
     result = trainer.fit()
     return finish_run(result, config, run_dir, time.time() - started)
+
+
+def evaluate_checkpoint(data_dir: str, checkpoint: str, resources: Resources | None = None,
+                        storage: str | None = None, name: str | None = None) -> dict:
+    """Validation and test metrics of a checkpoint, computed by ``workers``
+    Ray Train workers on their own users and all-reduced (no training)."""
+    import uuid
+
+    from distributed.checkpoint import (CLUSTERS_DIR, check_same_dataset, load_item_clusters,
+                                        read_checkpoint_config)
+    info = read_checkpoint_config(checkpoint)
+    config = RunConfig.from_dict(info["config"])
+    meta, resources = _start(data_dir, config, resources)
+    check_same_dataset(info, meta, checkpoint)
+    clusters = Path(checkpoint) / CLUSTERS_DIR
+    trainer = build_trainer(data_dir, config, resources, _storage(storage), name or f"eval-{uuid.uuid4().hex[:8]}",
+                            meta, load_item_clusters(checkpoint), str(clusters) if clusters.exists() else None,
+                            evaluate_only=str(Path(checkpoint).resolve()))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics)
 
 
 def _state_of(checkpoint) -> dict:

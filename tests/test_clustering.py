@@ -52,14 +52,18 @@ def test_svd_embeddings_shape_dtype_and_determinism():
     assert first.source["kind"] == "svd" and first.source["dim"] == 8 and first.source["seed"] == 3
 
 
-def test_svd_embeddings_are_v_sqrt_s_of_the_binary_matrix():
-    # Full rank: emb @ emb.T must equal V S Vᵀ of the exact SVD (sign-free check).
+def test_svd_embeddings_are_unit_rows_of_v_sqrt_s_of_the_binary_matrix():
+    # Full rank: the Gram matrix of the embeddings must equal the cosine form of
+    # V S Vᵀ from the exact SVD (sign-free check); every row has unit length.
     indptr, indices, n_items = random_interactions(n_users=30, n_items=12)
     dense = interaction_matrix(indptr, indices, n_items).toarray()
     assert set(np.unique(dense)) <= {0.0, 1.0}  # duplicates counted once
     _, singular, vt = np.linalg.svd(dense, full_matrices=False)
-    expected = vt.T @ np.diag(singular) @ vt
+    gram = vt.T @ np.diag(singular) @ vt
+    scale = np.sqrt(np.diag(gram))
+    expected = gram / scale[:, None] / scale[None, :]
     emb = svd_item_embeddings(indptr, indices, n_items, dim=12, seed=0).vectors.astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(emb @ emb.T, expected, atol=1e-3)
 
 
