@@ -158,6 +158,9 @@ def train(data_dir: str, config: RunConfig, resources: Resources | None = None, 
         item_clusters, clusters_dir = prepare_clusters(data_dir, config, meta, run_dir)
     _log(f"run {run_dir}: {config.model.variant} on {data_dir} with {resources.workers} worker(s) x "
          f"{resources.cpus_per_worker:g} CPU, {resources.gpus_per_worker} GPU, {resources.threads_per_worker} threads")
+    # --- start-up estimate (distributed/estimate.py): printed; what cannot fit is refused before workers start ---
+    from distributed.estimate import startup_estimate
+    startup_estimate(config, meta, item_clusters, resources, log=_log)
     trainer = build_trainer(data_dir, config, resources, storage, name, meta, item_clusters, clusters_dir,
                             kill_worker=kill_worker)
     result = trainer.fit()

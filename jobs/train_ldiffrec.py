@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,9 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--gpus-per-worker", type=int, default=0)
     p.add_argument("--threads-per-worker", type=int, default=None)
     p.add_argument("--max-failures", type=int, default=2, help="worker restarts from the last checkpoint")
-    p.add_argument("--storage", default="runs", help="storage path (local dir or URI) for runs/checkpoints")
+    p.add_argument("--storage", default=os.environ.get("DIFFREC_STORAGE", "runs"),
+                   help="storage path (local dir or URI) for runs/checkpoints (default: $DIFFREC_STORAGE, else runs)")
     p.add_argument("--name", default=None, help="run name (same name + storage = resume)")
-    p.add_argument("--dry-run", action="store_true", help="check the config and data, print it, train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and data, print it and the memory estimate, train nothing")
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="GPU memory per device for the estimate's fit check when it cannot be detected here")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_args(argv)
 
@@ -65,10 +70,15 @@ def main(argv=None) -> int:
         config = config.with_overrides(args.overrides)
         resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker,
                               args.threads_per_worker, args.max_failures)
+        # --- start-up estimate (distributed/estimate.py) ---
+        if args.device_memory_gib:
+            os.environ["DIFFREC_DEVICE_MEMORY_GIB"] = str(args.device_memory_gib)
         if args.dry_run:
+            from distributed.estimate import startup_estimate
             from distributed.trainer import validate_run
-            validate_run(data, config, resources)
+            meta = validate_run(data, config, resources)
             print(json.dumps(config.to_dict(), indent=2))
+            startup_estimate(config, meta, None, resources)   # refuses (exit 2) what cannot fit
             return 0
         train(data, config, resources, storage=args.storage, name=args.name)
     except (ValueError, FileNotFoundError, DatasetError) as exc:
