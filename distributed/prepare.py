@@ -104,10 +104,16 @@ def _encode_and_partition(batch: pa.Table, user_ids, item_ids, n_buckets: int):
     users = _codes(batch["user_id"], user_ids)
     items = _codes(batch["item_id"], item_ids)
     table = pa.table({"user": users, "item": items, "time": batch["time"], "seq": batch["seq"]})
+    return hash_partition(table, users, n_buckets)
+
+
+def hash_partition(table: pa.Table, user_codes: np.ndarray, n_buckets: int):
+    """``table`` itself for one bucket, else a tuple of ``n_buckets`` tables, a
+    user's rows all in the same one (order within a bucket kept)."""
     if n_buckets == 1:
         return table
     # Multiplicative hash so buckets stay balanced whatever the id pattern.
-    bucket = ((users.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(n_buckets)).astype(np.int64)
+    bucket = ((user_codes.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(n_buckets)).astype(np.int64)
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
     table = table.take(pa.array(order))

@@ -45,6 +45,8 @@ import pyarrow.parquet as pq
 from distributed.checkpoint import ITEMS_FILE, check_same_dataset, load_item_ids, read_checkpoint_config
 from distributed.dataset_format import (DatasetError, USER_LIST_COLUMNS, atomic_output_dir, read_meta,
                                         user_files, versions, write_json)
+from distributed.prepare import hash_partition
+from distributed.sources import row_group_chunks
 
 FORMATS = ("lists", "rows")
 FALLBACKS = ("popular", "none")
@@ -250,19 +252,7 @@ def inspect_users_input(path: str | Path, options: ScoreOptions, info: dict, che
 # ---------------------------------------------------------------- histories from Parquet (Ray tasks)
 
 def _chunks(files: list[str], rows_per_chunk: int = 2_000_000) -> list[tuple[str, tuple[int, ...]]]:
-    out = []
-    for path in files:
-        meta = pq.ParquetFile(path).metadata
-        group, rows = [], 0
-        for rg in range(meta.num_row_groups):
-            group.append(rg)
-            rows += meta.row_group(rg).num_rows
-            if rows >= rows_per_chunk:
-                out.append((path, tuple(group)))
-                group, rows = [], 0
-        if group:
-            out.append((path, tuple(group)))
-    return out
+    return [(path, run) for path in files for run in row_group_chunks(path, rows_per_chunk)]
 
 
 def _read(path: str, row_groups, columns: list[str]) -> pa.Table:
@@ -311,14 +301,7 @@ def _interactions_task(path, row_groups, cols, catalog, chunk=0):
 def _partition_task(table: pa.Table, user_ids: pa.Array, n_buckets: int):
     """Map side of the shuffle: rows → ``n_buckets`` tables by a hash of the user code."""
     codes = lookup_items(table["user_id"], user_ids)
-    table = table.append_column("user", pa.array(codes))
-    if n_buckets == 1:
-        return table
-    bucket = ((codes.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(n_buckets)).astype(np.int64)
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-    table = table.take(pa.array(order))
-    return tuple(table.slice(bounds[b], bounds[b + 1] - bounds[b]) for b in range(n_buckets))
+    return hash_partition(table.append_column("user", pa.array(codes)), codes, n_buckets)
 
 
 def _group_task(n_items: int, *pieces: pa.Table) -> pa.Table:

@@ -85,22 +85,30 @@ def list_files(spec: SourceSpec) -> list[str]:
     return files
 
 
+def row_group_chunks(path: str, rows_per_chunk: int = ROWS_PER_CHUNK) -> list[tuple[int, ...]]:
+    """A Parquet file's row groups in consecutive runs of about ``rows_per_chunk``
+    rows (one empty run for a file without row groups)."""
+    meta = pq.ParquetFile(path).metadata
+    runs, group, rows = [], [], 0
+    for rg in range(meta.num_row_groups):
+        group.append(rg)
+        rows += meta.row_group(rg).num_rows
+        if rows >= rows_per_chunk:
+            runs.append(tuple(group))
+            group, rows = [], 0
+    if group or not runs:
+        runs.append(tuple(group))
+    return runs
+
+
 def plan_chunks(spec: SourceSpec, files: list[str]) -> list[Chunk]:
     chunks: list[Chunk] = []
     for path in files:
         if spec.kind != "parquet":
             chunks.append(Chunk(len(chunks), path))
             continue
-        meta = pq.ParquetFile(path).metadata
-        group, rows = [], 0
-        for rg in range(meta.num_row_groups):
-            group.append(rg)
-            rows += meta.row_group(rg).num_rows
-            if rows >= ROWS_PER_CHUNK:
-                chunks.append(Chunk(len(chunks), path, tuple(group)))
-                group, rows = [], 0
-        if group or meta.num_row_groups == 0:
-            chunks.append(Chunk(len(chunks), path, tuple(group)))
+        for run in row_group_chunks(path):
+            chunks.append(Chunk(len(chunks), path, run))
     return chunks
 
 
