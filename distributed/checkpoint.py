@@ -31,7 +31,8 @@ def dataset_fingerprint(meta: dict) -> dict:
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, config: RunConfig, meta: dict,
-                    data_dir: str, clusters_dir: str | None, train_state: dict | None = None) -> Path:
+                    data_dir: str, clusters_dir: str | None, train_state: dict | None = None,
+                    cluster_files: dict[str, bytes] | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, directory / MODEL_FILE)
@@ -41,7 +42,11 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, config: RunConfig, 
         "config": config.to_dict(), "n_items": meta["n_items"], "dataset": dataset_fingerprint(meta),
         "data_dir": str(data_dir)}, indent=2))
     shutil.copyfile(Path(data_dir) / "items.parquet", directory / ITEMS_FILE)
-    if clusters_dir is not None:
+    if cluster_files:
+        (directory / CLUSTERS_DIR).mkdir(exist_ok=True)
+        for file_name, content in cluster_files.items():
+            (directory / CLUSTERS_DIR / file_name).write_bytes(content)
+    elif clusters_dir is not None:
         shutil.copytree(clusters_dir, directory / CLUSTERS_DIR, dirs_exist_ok=True)
     return directory
 

@@ -225,7 +225,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                 ckpt = None
                 if rank == 0:
                     save_checkpoint(Path(tmp), model, run, meta, cfg["data_dir"], cfg.get("clusters_dir"),
-                                    {**state, "optimizer": optimizer.state_dict()})
+                                    {**state, "optimizer": optimizer.state_dict()},
+                                    cluster_files=cfg.get("cluster_files"))
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(report, checkpoint=ckpt)
         else:

@@ -107,7 +107,12 @@ def build_trainer(data_dir: str, config: RunConfig, resources: Resources, storag
 
     loop_config = {"run": config.to_dict(), "meta": meta, "data_dir": str(Path(data_dir).resolve()),
                    "gpus_per_worker": resources.gpus_per_worker, "threads": resources.threads_per_worker,
-                   "item_clusters": item_clusters, "clusters_dir": clusters_dir, **loop_extras}
+                   "item_clusters": item_clusters, "clusters_dir": clusters_dir,
+                   # The cluster files travel with the config: rank 0 may run on a node that
+                   # cannot see the driver's disk, and it writes them into every checkpoint.
+                   "cluster_files": ({p.name: p.read_bytes() for p in Path(clusters_dir).iterdir() if p.is_file()}
+                                     if clusters_dir else None),
+                   **loop_extras}
     dataset = users_dataset(data_dir)
     dataset = dataset.repartition(max(8 * resources.workers, 1))   # several blocks per worker to balance shards
     resources_per_worker = {"CPU": resources.cpus_per_worker}
@@ -150,7 +155,9 @@ def train(data_dir: str, config: RunConfig, resources: Resources | None = None, 
     meta, resources = _start(data_dir, config, resources)
     storage = _storage(storage)
     name = name or f"{config.model.variant}-{Path(data_dir).resolve().name}"
-    run_dir = Path(storage) / name
+    # Run files (summary, metrics, plots, cluster cache) are written locally and, for an
+    # object-store storage path, uploaded next to Ray Train's checkpoints at the end.
+    run_dir = (Path("runs") if "://" in storage else Path(storage)) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     item_clusters, clusters_dir = None, None
@@ -164,7 +171,19 @@ def train(data_dir: str, config: RunConfig, resources: Resources | None = None, 
     trainer = build_trainer(data_dir, config, resources, storage, name, meta, item_clusters, clusters_dir,
                             kill_worker=kill_worker)
     result = trainer.fit()
-    return finish_run(result, config, run_dir, time.time() - started)
+    summary = finish_run(result, config, run_dir, time.time() - started)
+    publish_run_files(run_dir, storage, name)
+    return summary
+
+
+def publish_run_files(run_dir: Path, storage: str, name: str) -> None:
+    """Copy the driver's run files to an object-store storage path (no-op for a local path)."""
+    if "://" not in storage:
+        return
+    import pyarrow.fs as pafs
+    pafs.copy_files(str(run_dir.resolve()), f"{storage.rstrip('/')}/{name}",
+                    source_filesystem=pafs.LocalFileSystem())
+    _log(f"run files uploaded to {storage.rstrip('/')}/{name}")
 
 
 def evaluate_checkpoint(data_dir: str, checkpoint: str, resources: Resources | None = None,
