@@ -71,16 +71,25 @@ def main(argv=None) -> int:
         resources = Resources(args.workers, args.cpus_per_worker, args.gpus_per_worker,
                               args.threads_per_worker, args.max_failures)
         # --- start-up estimate (distributed/estimate.py) ---
+        # --device-memory-gib reaches the estimate through the environment for this call
+        # only (restored after, so an in-process caller's environment is left as it was).
+        previous = os.environ.get("DIFFREC_DEVICE_MEMORY_GIB")
         if args.device_memory_gib:
             os.environ["DIFFREC_DEVICE_MEMORY_GIB"] = str(args.device_memory_gib)
-        if args.dry_run:
-            from distributed.estimate import startup_estimate
-            from distributed.trainer import validate_run
-            meta = validate_run(data, config, resources)
-            print(json.dumps(config.to_dict(), indent=2))
-            startup_estimate(config, meta, None, resources)   # refuses (exit 2) what cannot fit
-            return 0
-        train(data, config, resources, storage=args.storage, name=args.name)
+        try:
+            if args.dry_run:
+                from distributed.estimate import startup_estimate
+                from distributed.trainer import validate_run
+                meta = validate_run(data, config, resources)
+                print(json.dumps(config.to_dict(), indent=2))
+                startup_estimate(config, meta, None, resources)   # refuses (exit 2) what cannot fit
+                return 0
+            train(data, config, resources, storage=args.storage, name=args.name)
+        finally:
+            if previous is None:
+                os.environ.pop("DIFFREC_DEVICE_MEMORY_GIB", None)
+            else:
+                os.environ["DIFFREC_DEVICE_MEMORY_GIB"] = previous
     except (ValueError, FileNotFoundError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

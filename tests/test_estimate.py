@@ -164,7 +164,7 @@ def _fake_dataset(tmp_path, n_items=1000):
 
 def test_job_dry_run_prints_the_estimate_and_refuses_what_cannot_fit(tmp_path, capsys, monkeypatch):
     from jobs.train_ldiffrec import main
-    monkeypatch.delenv("DIFFREC_DEVICE_MEMORY_GIB", raising=False)   # main sets it; restored after the test
+    monkeypatch.delenv("DIFFREC_DEVICE_MEMORY_GIB", raising=False)
     data = _fake_dataset(tmp_path)
     assert main(["--data", data, "--model", "ldiffrec", "--gpus-per-worker", "2", "--device-memory-gib", "16",
                  "--dry-run", "model.n_clusters=4", "model.latent_size=64"]) == 0
@@ -177,3 +177,7 @@ def test_job_dry_run_prints_the_estimate_and_refuses_what_cannot_fit(tmp_path, c
     assert main(["--data", data, "--model", "diffrec", "--gpus-per-worker", "1", "--device-memory-gib", "0.01",
                  "--dry-run"]) == 2
     assert "weights alone do not fit" in capsys.readouterr().err
+    # the override applied to those calls only: it must not leak into this process's environment
+    # (a Ray cluster started later from it would refuse every run)
+    import os
+    assert "DIFFREC_DEVICE_MEMORY_GIB" not in os.environ

@@ -39,7 +39,8 @@ def ray_head(tmp_path):
     gcs_port, dash_port = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "DIFFREC_DEVICE_MEMORY_GIB"):   # a user's shell would not carry these
+        env.pop(name, None)
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp}", "--include-dashboard=true"],
