@@ -27,7 +27,8 @@ def main() -> int:
                     name="demo-ldiffrec")
     recs = REPO / "runs" / "demo-recs"
     score_batch(summary["checkpoint"], data, str(recs), ScoreOptions(k=20, overwrite=True))
-    sample = pq.read_table(recs, columns=["user_id", "item_ids"]).slice(0, 3).to_pylist()
+    files = sorted(recs.glob("*.parquet"))
+    sample = pq.read_table(files[0], columns=["user_id", "item_ids"]).slice(0, 3).to_pylist()
     print("\n=== demo finished ===")
     print(f"test recall@20 {summary['test']['recall@20']:.4f}  ndcg@20 {summary['test']['ndcg@20']:.4f} "
           f"(best validation epoch {summary['best_epoch']} of {summary['epochs']})")
