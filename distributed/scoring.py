@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distributed.checkpoint import ITEMS_FILE, check_same_dataset, load_item_ids, read_checkpoint_config
-from distributed.dataset_format import (DatasetError, USER_LIST_COLUMNS, atomic_output_dir, read_meta,
+from distributed.dataset_format import (USER_LIST_COLUMNS, atomic_output_dir, read_meta,
                                         user_files, versions, write_json)
 from distributed.prepare import hash_partition
 from distributed.sources import row_group_chunks

@@ -146,7 +146,7 @@ def resolve_columns(spec: SourceSpec, files: list[str]) -> dict:
     for path in files:
         schema = pq.read_schema(path) if spec.kind == "parquet" else _csv_schema(path, spec)
         schemas[path] = schema
-    first_path, first = files[0], schemas[files[0]]
+    first = schemas[files[0]]
     cols = {"user_id": spec.user_col, "item_id": spec.item_col}
     time_col = spec.time_col or ("timestamp" if "timestamp" in first.names else None)
     rating_col = spec.rating_col or ("rating" if "rating" in first.names else None)
