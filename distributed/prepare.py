@@ -147,13 +147,21 @@ def _histories(batch: pa.Table) -> pa.Table:
                      "items": _list_array(offsets, item[kept])})
 
 
-def _flat(lists: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets from 0, values) of a list column."""
+def flat_list_column(lists) -> tuple[np.ndarray, pa.Array]:
+    """(int64 offsets from 0, Arrow values) of a list column (array or chunked)."""
     if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks()
+        lists = lists.combine_chunks() if lists.num_chunks != 1 else lists.chunk(0)
+    if len(lists) == 0:
+        return np.zeros(1, dtype=np.int64), lists.values.slice(0, 0)
     offsets = lists.offsets.to_numpy().astype(np.int64)
-    values = lists.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    values = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
     return offsets - offsets[0], values
+
+
+def _flat(lists) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, values as numpy) of a list column."""
+    offsets, values = flat_list_column(lists)
+    return offsets, values.to_numpy(zero_copy_only=False)
 
 
 def _count_items(batch: pa.Table, column: str, n_items: int) -> tuple[np.ndarray, int, int]:

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from distributed.checkpoint import ITEMS_FILE, check_same_dataset, load_item_ids, read_checkpoint_config
 from distributed.dataset_format import (USER_LIST_COLUMNS, atomic_output_dir, read_meta,
                                         user_files, versions, write_json)
-from distributed.prepare import hash_partition
+from distributed.prepare import flat_list_column, hash_partition
 from distributed.sources import row_group_chunks
 
 FORMATS = ("lists", "rows")
@@ -110,15 +110,7 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------- small vectorised helpers
 
-def _flat(lists) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 offsets from 0, values) of a list column."""
-    if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks() if lists.num_chunks != 1 else lists.chunk(0)
-    if len(lists) == 0:
-        return np.zeros(1, dtype=np.int64), lists.values.slice(0, 0)
-    offsets = lists.offsets.to_numpy().astype(np.int64)
-    values = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
-    return offsets - offsets[0], values
+_flat = flat_list_column   # (int64 offsets from 0, Arrow values) of a list column
 
 
 def _list_array(offsets: np.ndarray, values) -> pa.Array:
