@@ -29,8 +29,9 @@ from torch import nn
 from models.batch import HistoryBatch
 from models.config import ModelConfig
 from models.denoiser import Denoiser
+from models.fused_output import RunningTopK, linear_topk
 from models.diffusion import GaussianDiffusion
-from models.metrics import merge_topk, topk
+from models.metrics import topk
 from models.vae import ClusterVAE
 
 
@@ -154,8 +155,8 @@ class DiffusionRecommender(nn.Module):
         """Full-catalog top-``k`` (values, global item ids), best first, ties by lower id.
 
         The batch's own items are masked, and ``exclude``'s items too (e.g. train +
-        valid at test time). L-variants rank cluster by cluster and merge, so peak
-        memory follows batch × largest cluster.
+        valid at test time). L-variants rank cluster by cluster, in cache-sized item
+        chunks, and merge the candidates, so peak memory follows batch × k × chunks.
         """
         with _eval_mode(self):
             out = self.denoised(batch)
@@ -166,14 +167,14 @@ class DiffusionRecommender(nn.Module):
                 return topk(out, k)
             h = self.vae.decoder_input(out)
             mask_parts = [self.vae.split(m) for m in masked]
-            values, ids = [], []
+            # one running top-k over every cluster's item chunks: the (B, N_c) logits are never stored
+            running = RunningTopK(batch.size, min(k, self.n_items), h.device)
             for c in range(self.vae.n_clusters):
-                logits = self.vae.cluster_logits(c, h)
-                for parts in mask_parts:
-                    logits[parts[c].rows, parts[c].local] = float("-inf")
-                v, i = topk(logits, k, item_ids=self.vae.encoders[c].global_ids)
-                values.append(v), ids.append(i)
-            return merge_topk(values, ids, k)
+                hidden, weight, bias = self.vae.cluster_head(c, h)
+                rows = torch.cat([parts[c].rows for parts in mask_parts])
+                cols = torch.cat([parts[c].local for parts in mask_parts])
+                linear_topk(hidden, weight, bias, self.vae.encoders[c].global_ids, running, rows, cols)
+            return running.result()
 
 
 class _eval_mode:

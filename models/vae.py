@@ -11,8 +11,8 @@ Memory and compute follow batch × largest cluster:
 - the encoder's first layer reads the sparse history (``embedding_bag``), so
   its cost follows the interactions, not N_c;
 - the multinomial log-likelihood over all N items is assembled from
-  per-cluster log-sum-exps and sparsely gathered logits; full-catalog logits
-  are never concatenated.
+  per-cluster log-sum-exps (``fused_output``: computed in cache-sized item chunks,
+  the B × N_c logits are never stored) and sparsely gathered logits.
 
 Cluster c's encoder/decoder may sit on its own device (``place``); the
 latent, the loss and everything shared live on the ``first`` device.
@@ -28,6 +28,7 @@ from torch import nn
 
 from models.batch import HistoryBatch
 from models.denoiser import xavier_normal_
+from models.fused_output import linear_logsumexp
 
 
 def split_sizes(total: int, counts) -> list[int]:
@@ -210,16 +211,24 @@ class ClusterVAE(nn.Module):
         activations (computed once, not once per cluster)."""
         return self.shared_hidden(z) if self.shared else z
 
+    def cluster_head(self, c: int, h: torch.Tensor):
+        """Cluster c's decoder up to its output layer: (hidden, weight, bias) such
+        that its (B, N_c) logits, in the cluster's local item order, are
+        ``hidden @ weightᵀ + bias``; ``h = decoder_input(z)``."""
+        if self.shared:
+            if self.n_clusters == 1:            # the cluster is the catalog, in order
+                return h, self.shared_out.weight, self.shared_out.bias
+            ids = self.encoders[c].global_ids.to(h.device)
+            return h, self.shared_out.weight[ids], self.shared_out.bias[ids]
+        lo, hi = self.latent_offsets[c], self.latent_offsets[c + 1]
+        decoder = self.decoders[c]
+        hidden = decoder[:-1](h[:, lo:hi].to(self.cluster_device(c)))
+        return hidden, decoder[-1].weight, decoder[-1].bias
+
     def cluster_logits(self, c: int, h: torch.Tensor) -> torch.Tensor:
         """(B, N_c) logits of cluster c's items (columns in the cluster's local order)
         from ``h = decoder_input(z)``."""
-        if self.shared:
-            if self.n_clusters == 1:            # the cluster is the catalog, in order
-                return self.shared_out(h)
-            ids = self.encoders[c].global_ids.to(h.device)
-            return F.linear(h, self.shared_out.weight[ids], self.shared_out.bias[ids])
-        lo, hi = self.latent_offsets[c], self.latent_offsets[c + 1]
-        return self.decoders[c](h[:, lo:hi].to(self.cluster_device(c)))
+        return F.linear(*self.cluster_head(c, h))
 
     def multinomial_nll(self, z: torch.Tensor, parts: list[ClusterInput]) -> torch.Tensor:
         """Mean over users of -Σ_i x_i log softmax(logits)_i over all N items:
@@ -228,10 +237,12 @@ class ClusterVAE(nn.Module):
         lse, picked, mass = [], torch.zeros(B, device=first), torch.zeros(B, device=first)
         h = self.decoder_input(z)
         for c, part in enumerate(parts):
-            logits = self.cluster_logits(c, h)
-            lse.append(torch.logsumexp(logits, 1).to(first))
-            x_logit = logits[part.rows, part.local] * part.values
-            per_user = torch.zeros(B, device=logits.device, dtype=logits.dtype).index_add_(0, part.rows, x_logit)
+            hidden, weight, bias = self.cluster_head(c, h)
+            lse.append(linear_logsumexp(hidden, weight, bias).to(first))
+            # only the interacted items' logits are needed: gathered, never the (B, N_c) matrix
+            logit = (hidden[part.rows] * weight[part.local]).sum(1) + bias[part.local]
+            x_logit = logit * part.values
+            per_user = torch.zeros(B, device=hidden.device, dtype=hidden.dtype).index_add_(0, part.rows, x_logit)
             picked = picked + per_user.to(first)
             mass = mass.index_add(0, part.rows.to(first), part.values.to(first, mass.dtype))
         log_norm = torch.logsumexp(torch.stack(lse, 1), 1)

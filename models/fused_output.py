@@ -1,0 +1,162 @@
+"""The N-wide output layer h @ Wᵀ + b without its B × N logits: logsumexp
+for training (``linear_logsumexp``) and top-k for ranking (``linear_topk``).
+
+The multinomial likelihood of the cluster VAE only needs, per user, the
+log-sum-exp of the decoder's last layer over a cluster's items (plus a few
+logits gathered sparsely). Materialised, those B × N_c logits cost about ten
+memory passes per step (the output, logsumexp's temporaries, the saved
+activations, the softmax of the backward) and, at a million items, most of the
+step time. Here the items are taken in chunks small enough to stay in cache:
+forward keeps a running max and sum (online logsumexp), backward recomputes
+each chunk's logits and turns them into softmax · grad in place. Per logit
+that is two matmul passes and two exps, and memory is O(B · chunk).
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 20   # logits per chunk (4 MiB in fp32): fits a CPU's L2/L3
+
+
+def chunk_size(batch: int, n_out: int) -> int:
+    return max(1, min(n_out, CHUNK_ELEMENTS // max(batch, 1)))
+
+
+class LinearLogSumExp(torch.autograd.Function):
+    """(B, k), (N, k), (N,) -> (B,): logsumexp over N of h @ weightᵀ + bias."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, N = h.shape[0], weight.shape[0]
+        step = chunk_size(B, N)
+        running_max = torch.full((B,), float("-inf"), device=h.device, dtype=h.dtype)
+        running_sum = torch.zeros(B, device=h.device, dtype=h.dtype)
+        for lo in range(0, N, step):
+            logits = torch.addmm(bias[lo:lo + step], h, weight[lo:lo + step].t())
+            new_max = torch.maximum(running_max, logits.amax(1))
+            running_sum = (running_sum * torch.exp(running_max - new_max)
+                           + logits.sub_(new_max[:, None]).exp_().sum(1))
+            running_max = new_max
+        lse = running_max + torch.log(running_sum)
+        ctx.save_for_backward(h, weight, bias, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: torch.Tensor):
+        h, weight, bias, lse = ctx.saved_tensors
+        B, N = h.shape[0], weight.shape[0]
+        step = chunk_size(B, N)
+        need_h, need_w, need_b = ctx.needs_input_grad
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        for lo in range(0, N, step):
+            hi = min(N, lo + step)
+            logits = torch.addmm(bias[lo:hi], h, weight[lo:hi].t())
+            # d lse / d logit = softmax; scaled by the incoming gradient per user
+            p = logits.sub_(lse[:, None]).exp_().mul_(grad_lse[:, None])
+            if need_h:
+                grad_h.addmm_(p, weight[lo:hi])
+            if need_w:
+                torch.mm(p.t(), h, out=grad_w[lo:hi])
+            if need_b:
+                torch.sum(p, 0, out=grad_b[lo:hi])
+        return grad_h, grad_w, grad_b
+
+
+def linear_logsumexp(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Differentiable logsumexp(h @ weightᵀ + bias, dim=1) in O(B · chunk) memory."""
+    return LinearLogSumExp.apply(h, weight, bias)
+
+
+
+class RunningTopK:
+    """The top-``k`` of each row over score chunks fed one at a time (global item
+    ids per column), ranked by (-score, id) like ``models.metrics.topk``.
+
+    Keeps, per row, the k-th best score so far as a threshold: a chunk costs one
+    comparison pass, and only the few scores at or above the threshold are
+    kept, until the kept pool is compacted back to k per row. Cheaper per score
+    than ``torch.topk`` on chunks, which sorts."""
+
+    def __init__(self, batch: int, k: int, device):
+        self.batch, self.k, self.device = batch, k, device
+        self.threshold = torch.full((batch,), float("-inf"), device=device)
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (rows, values, ids)
+        self.size = 0
+
+    def add(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        scores, ids = scores.to(self.device), ids.to(self.device)   # clusters may sit on other devices
+        if not self.parts:      # first chunk: its own top-k sets the threshold
+            values, cols = torch.topk(scores, min(self.k, scores.shape[1]), dim=1)
+            rows = torch.arange(self.batch, device=self.device).repeat_interleave(values.shape[1])
+            self._keep(rows, values.reshape(-1), ids[cols.reshape(-1)])
+            self._compact()
+            return
+        # >= threshold (nextafter) keeps ties with the k-th, which the compaction orders by id
+        rows, cols = torch.nonzero(scores > torch.nextafter(self.threshold, self.threshold.new_tensor(float("-inf")))[:, None],
+                                   as_tuple=True)
+        if rows.numel():
+            self._keep(rows, scores[rows, cols], ids[cols])
+        if self.size > 8 * self.batch * self.k:
+            self._compact()
+
+    def _keep(self, rows, values, ids) -> None:
+        self.parts.append((rows, values, ids))
+        self.size += rows.numel()
+
+    def _compact(self) -> None:
+        if not self.parts:
+            self._keep(*(torch.zeros(0, dtype=t, device=self.device) for t in (torch.long, torch.float, torch.long)))
+        rows, values, ids = (torch.cat(t) for t in zip(*self.parts))
+        order = torch.argsort(ids, stable=True)                                  # (row, -score, id)
+        order = order[torch.argsort(values[order], descending=True, stable=True)]
+        order = order[torch.argsort(rows[order], stable=True)]
+        rows, values, ids = rows[order], values[order], ids[order]
+        starts = torch.searchsorted(rows, torch.arange(self.batch, device=self.device))
+        rank = torch.arange(rows.numel(), device=self.device) - starts[rows]
+        keep = rank < self.k
+        rows, values, ids, rank = rows[keep], values[keep], ids[keep], rank[keep]
+        full = torch.bincount(rows, minlength=self.batch) >= self.k
+        kth = torch.full((self.batch,), float("-inf"), device=self.device)
+        last = rank == self.k - 1
+        kth[rows[last]] = values[last]
+        self.threshold = torch.where(full, kth, self.threshold.new_tensor(float("-inf")))
+        self.parts, self.size = [(rows, values, ids)], rows.numel()
+        self._rank = rank
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, ids), each (B, k), best first; missing or -inf slots have id -1."""
+        self._compact()
+        rows, values, ids = self.parts[0]
+        out_values = torch.full((self.batch, self.k), float("-inf"), device=self.device)
+        out_ids = torch.full((self.batch, self.k), -1, dtype=torch.long, device=self.device)
+        out_values[rows, self._rank] = values
+        out_ids[rows, self._rank] = ids
+        out_ids = torch.where(torch.isneginf(out_values), torch.full_like(out_ids, -1), out_ids)
+        return out_values, out_ids
+
+
+def linear_topk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor,
+                running: RunningTopK, mask_rows: torch.Tensor | None = None,
+                mask_cols: torch.Tensor | None = None) -> None:
+    """Feed h @ weightᵀ + bias, with the (row, column) pairs of the mask at -inf,
+    to ``running`` chunk by chunk; ``ids`` are the columns' global item ids.
+
+    Each chunk's logits are made, masked and reduced while in cache; the full
+    (B, N) matrix would cost a page-faulting allocation and a memory pass per
+    batch at large N."""
+    B, N = h.shape[0], weight.shape[0]
+    step = chunk_size(B, N)
+    bounds = None
+    if mask_rows is not None and mask_rows.numel():
+        order = torch.argsort(mask_cols)
+        mask_rows, mask_cols = mask_rows[order], mask_cols[order]
+        bounds = torch.searchsorted(mask_cols, torch.arange(0, N + step, step, device=mask_cols.device)).tolist()
+    for j, lo in enumerate(range(0, N, step)):
+        hi = min(N, lo + step)
+        logits = torch.addmm(bias[lo:hi], h, weight[lo:hi].t())
+        if bounds is not None and bounds[j + 1] > bounds[j]:
+            a, b = bounds[j], bounds[j + 1]
+            logits[mask_rows[a:b], mask_cols[a:b] - lo] = float("-inf")
+        running.add(logits, ids[lo:hi])
