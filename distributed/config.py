@@ -25,7 +25,8 @@ class TrainConfig:
     lr: float = 1e-3                   # the denoiser's (DiffRec) or the autoencoder's (L-variants)
     lr_denoiser: float | None = None   # L-variants: the denoiser's own rate (None = lr)
     weight_decay: float = 0.0
-    eval_every: int = 1                # evaluate on validation every k epochs
+    eval_every: int = 1                # evaluate on validation every k epochs; 0 = never (train
+                                       # only, checkpoint every epoch; rank with the scoring job)
     patience: int = 10                 # stop after this many evaluations without improvement
     select_metric: str = "recall@20"   # model selection on validation, never on test
     eval_batch_size: int = 1024
@@ -40,8 +41,8 @@ class TrainConfig:
             raise ValueError(f"train.epochs={self.epochs} must be >= 1")
         if self.lr <= 0 or (self.lr_denoiser is not None and self.lr_denoiser <= 0):
             raise ValueError("train.lr and train.lr_denoiser must be > 0, e.g. 1e-3")
-        if self.eval_every < 1 or self.patience < 1:
-            raise ValueError("train.eval_every and train.patience must be >= 1")
+        if self.eval_every < 0 or self.patience < 1:
+            raise ValueError("train.eval_every must be >= 0 (0 = never evaluate) and train.patience >= 1")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"train.select_metric={self.select_metric!r}; use one of {SELECT_METRICS}")
         if self.test_input not in ("train", "train+valid"):

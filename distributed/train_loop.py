@@ -201,7 +201,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         _all_reduce(loss_sum)
         metrics = {"epoch": epoch, "step": state["step"], "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
                    "train_s": train_s, "users_per_s": total_users / max(train_s, 1e-9)}
-        evaluated = epoch % run.train.eval_every == 0 or epoch == run.train.epochs
+        every = run.train.eval_every
+        evaluated = every > 0 and (epoch % every == 0 or epoch == run.train.epochs)
         if evaluated:
             t1 = time.time()
             result = evaluate_shard(model, shard, run)
@@ -220,7 +221,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                                  if evaluated else ""))
         report = {k: v for k, v in metrics.items()}
         report["best_" + select] = state["best"][select] if state["best"] else float("nan")
-        if evaluated:
+        if evaluated or run.train.eval_every == 0:    # without evaluation, every epoch is kept
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:

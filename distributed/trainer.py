@@ -126,7 +126,8 @@ def build_trainer(data_dir: str, config: RunConfig, resources: Resources, storag
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints,
-                                               checkpoint_score_attribute=f"valid/{config.train.select_metric}",
+                                               checkpoint_score_attribute=f"valid/{config.train.select_metric}"
+                                               if config.train.eval_every else "epoch",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=resources.max_failures)))
 
@@ -223,7 +224,7 @@ def finish_run(result, config: RunConfig, run_dir: Path, wall_s: float) -> dict:
     history = state["history"]
     select = f"valid/{config.train.select_metric}"
     best = state["best"]
-    best_path = None
+    best_path = None if best else result.checkpoint.path   # no evaluation: the last epoch
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if select in m]
     if candidates:
         best_path = max(candidates, key=lambda cm: cm[1][select])[0].path
@@ -231,8 +232,8 @@ def finish_run(result, config: RunConfig, run_dir: Path, wall_s: float) -> dict:
     evaluated = [h for h in history if "score_s" in h]
     summary = {
         "job": "train_ldiffrec", "run_dir": str(run_dir), "variant": config.model.variant,
-        "epochs": state["epoch"], "best_epoch": best["epoch"],
-        "best_valid": pick("valid/"), "test": pick("test/"),
+        "epochs": state["epoch"], "best_epoch": best["epoch"] if best else None,
+        "best_valid": pick("valid/") if best else None, "test": pick("test/") if best else None,
         "test_protocol": "input=train, mask=train+valid" if config.train.test_input == "train"
         else "input=train+valid, mask=train+valid",
         "wall_s": round(wall_s, 2),
@@ -244,9 +245,12 @@ def finish_run(result, config: RunConfig, run_dir: Path, wall_s: float) -> dict:
     }
     write_metrics(run_dir, history)
     write_json(run_dir / "summary.json", summary)
-    _log(f"best epoch {best['epoch']}: valid recall@20 {best['valid/recall@20']:.4f} ndcg@20 "
-         f"{best['valid/ndcg@20']:.4f} | test recall@20 {best['test/recall@20']:.4f} ndcg@20 "
-         f"{best['test/ndcg@20']:.4f}")
+    if best:
+        _log(f"best epoch {best['epoch']}: valid recall@20 {best['valid/recall@20']:.4f} ndcg@20 "
+             f"{best['valid/ndcg@20']:.4f} | test recall@20 {best['test/recall@20']:.4f} ndcg@20 "
+             f"{best['test/ndcg@20']:.4f}")
+    else:
+        _log("not evaluated (train.eval_every=0): rank with jobs/score_batch.py")
     _log(f"checkpoint: {best_path}")
     _log(f"summary: {run_dir / 'summary.json'}")
     return summary

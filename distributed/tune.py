@@ -459,6 +459,8 @@ def run_search(opts: SearchOptions) -> dict:
             plan = {**plan, **{k: old[k] for k in ("base", "space", "metric", "samples", "grace_period",
                                                   "reduction_factor") if k in old}}
     base = RunConfig.from_dict(plan["base"])
+    if base.train.eval_every < 1:
+        raise ValueError("a search ranks trials on validation: train.eval_every must be >= 1 (got 0)")
     space = SearchSpace.from_spec(plan["space"])
     metric_key = f"valid/{plan['metric']}"
     cluster = ray.cluster_resources()
@@ -583,7 +585,7 @@ def finish_search(grid, plan: dict, space: SearchSpace, base: RunConfig, search_
                   f"# trial {best['trial_id']}, epoch {best['best_epoch']}: {metric_key} = {best[metric_key]:.5f}; "
                   f"test at that epoch (reported, not used to choose): "
                   + ", ".join(f"{m} {best[f'test/{m}@best_valid']:.5f}" for m in SELECT_METRICS) + "\n"
-                  f"# Train it: python jobs/train_ldiffrec.py --data DIR --config best_config.yaml\n")
+                  "# Train it: python jobs/train_ldiffrec.py --data DIR --config best_config.yaml\n")
         (out / "best_config.yaml").write_text(header + yaml.safe_dump(best_config.to_dict(), sort_keys=False))
     write_trials_csv(out / "trials.csv", rows, list(space.params), metric_key)
     plot_search(out, rows, space, metric_key)
