@@ -1,7 +1,10 @@
 """Accuracy table: baselines (and, once trained, the diffusion models) on a
 prepared dataset, by the project's own metric code.
 
-    python bench/accuracy.py --data DIR --models ease,mostpop [--json PATH]
+    python bench/accuracy.py --data DIR --models ease,mostpop[,ease-tw,diffrec,...] [--json PATH]
+
+ease-tw is EASE fitted on binary interactions but scoring the time-weighted
+history (w_min 0.1 → w_max 1.0, as T-DiffRec weights its input).
 
 Prints validation and test metrics (test protocol: input = train items,
 mask = train + valid, targets = test) and writes
@@ -21,7 +24,8 @@ from distributed.dataset_format import read_meta, read_users  # noqa: E402
 from models.baselines import MostPop, tune_ease  # noqa: E402
 from models.evaluation import evaluate  # noqa: E402
 
-BASELINES = ("mostpop", "ease")
+BASELINES = ("mostpop", "ease", "ease-tw")
+EASE_TW = (0.1, 1.0)   # ease-tw: binary fit, history weighted w_min → w_max as T-DiffRec's input
 SHOWN = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
 
@@ -30,7 +34,8 @@ def run_baseline(name: str, users, n_items: int) -> dict:
         model = MostPop(users, n_items)
         extra = {}
     else:
-        model, by_lambda = tune_ease(users, n_items)
+        w_min, w_max = EASE_TW if name == "ease-tw" else (None, None)
+        model, by_lambda = tune_ease(users, n_items, w_min=w_min, w_max=w_max)
         extra = {"lambda": model.lam, "valid_recall@20_by_lambda": {str(k): v["recall@20"]
                                                                     for k, v in by_lambda.items()}}
     return {**evaluate(model.rank_topk, users, n_items), **extra}
