@@ -27,6 +27,8 @@ from models.evaluation import evaluate_batch
 from models.metrics import RankingMetrics
 from models.recommender import DiffusionRecommender
 
+PROGRESS_EVERY_S = 60.0    # rank 0 prints a progress line this often within a long epoch
+
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -183,7 +185,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         model.train()
         t0 = time.time()
         loss_sum = torch.zeros(2, dtype=torch.float64)
-        for rows in shard.epoch_batches(n_steps, seed=run.train.seed * 1_000_003 + epoch * 1009 + rank):
+        last_note = t0
+        for i, rows in enumerate(shard.epoch_batches(n_steps, seed=run.train.seed * 1_000_003 + epoch * 1009 + rank)):
             if len(shard):
                 batch, scale = shard.history(rows), 1.0
             else:   # a worker left without users still steps (DDP), contributing nothing
@@ -197,6 +200,11 @@ def train_loop_per_worker(cfg: dict) -> None:
             model.record_step_losses(all_t, all_losses)
             state["step"] += 1
             loss_sum += torch.tensor([float(out.parts["loss"]) * batch.size * scale, batch.size * scale], dtype=torch.float64)
+            if time.time() - last_note >= PROGRESS_EVERY_S and i + 1 < n_steps:   # long epochs: show progress
+                last_note, done = time.time(), (i + 1) / n_steps
+                log(f"epoch {epoch:3d}  step {i + 1}/{n_steps}  loss {float(loss_sum[0] / max(loss_sum[1], 1)):.4f}  "
+                    f"{total_users * done / (last_note - t0):,.0f} users/s  "
+                    f"~{(last_note - t0) * (1 - done) / done:,.0f}s left in the epoch")
         train_s = time.time() - t0
         _all_reduce(loss_sum)
         metrics = {"epoch": epoch, "step": state["step"], "loss": float(loss_sum[0] / max(loss_sum[1], 1)),
