@@ -22,6 +22,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from models.fused_output import CHUNK_ELEMENTS
+
+OUTPUT_CHUNK_BUFFERS = 3   # a chunk's logits, its softmax, one temporary
+
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -80,9 +84,13 @@ def estimate_cluster_memory(cluster_sizes: Sequence[int], dims: LatentModelDims 
     encoder = [n_c, *hidden_c, 2 * l_c]
     decoder = [l_c, *hidden_c[::-1], n_c]
     params = _linear_params(encoder) + _linear_params(decoder)
-    # Per sample: sliced history + logits (N_c each), hidden layers both ways, mean/logvar/z.
-    activation_values = 2 * n_c + 2 * sum(hidden_c, np.zeros_like(n_c)) + 3 * l_c
-    return _memory(params, activation_values, dims)
+    # Per sample: hidden layers both ways, mean/logvar/z. Nothing N_c wide: the history
+    # enters sparsely and the N_c logits only ever exist one cache-sized chunk at a time
+    # (models/fused_output.py), a per-cluster workspace independent of N_c.
+    activation_values = 2 * sum(hidden_c, np.zeros_like(n_c)) + 3 * l_c
+    memory = _memory(params, activation_values, dims)
+    workspace = OUTPUT_CHUNK_BUFFERS * CHUNK_ELEMENTS * dims.bytes_per_value
+    return MemoryEstimate(memory.params, memory.state_bytes, memory.activation_bytes + workspace)
 
 
 def estimate_denoiser_memory(dims: LatentModelDims = LatentModelDims()) -> MemoryEstimate:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clustering.placement import (GIB, LatentModelDims, PlacementDoesNotFit, available_devices,
+from models.fused_output import CHUNK_ELEMENTS
+from clustering.placement import (GIB, OUTPUT_CHUNK_BUFFERS, LatentModelDims, PlacementDoesNotFit, available_devices,
                                   check_fits, estimate_cluster_memory, estimate_denoiser_memory,
                                   latent_sizes, plan_placement)
 
@@ -32,7 +33,8 @@ def test_cluster_memory_matches_hand_count():
     # cluster 0: l=3; encoder 30->6 (30*6+6), decoder 3->30 (3*30+30)
     assert memory.params.tolist() == [30 * 6 + 6 + 3 * 30 + 30, 70 * 14 + 14 + 7 * 70 + 70]
     np.testing.assert_array_equal(memory.state_bytes, memory.params * 4 * 4)  # w + grad + 2 Adam moments
-    assert memory.activation_bytes.tolist() == [(2 * 30 + 3 * 3) * 2 * 4, (2 * 70 + 3 * 7) * 2 * 4]
+    workspace = OUTPUT_CHUNK_BUFFERS * CHUNK_ELEMENTS * 4        # the output layer's chunk, not N_c wide
+    assert memory.activation_bytes.tolist() == [(3 * 3) * 2 * 4 + workspace, (3 * 7) * 2 * 4 + workspace]
     np.testing.assert_array_equal(memory.total_bytes, memory.state_bytes + memory.activation_bytes)
 
 
@@ -57,7 +59,11 @@ def test_denoiser_memory_mirrors_reference_dnn():
 def test_balanced_within_ten_percent_on_skewed_sizes(n_clusters, n_devices):
     sizes = zipf_sizes(n_clusters, exponent=0.5, seed=n_clusters)
     plan = plan_placement(sizes, gpus(n_devices))
-    assert plan.balance <= 1.10, plan.describe()
+    loads = np.array(list(plan.bytes_per_device.values()), dtype=np.float64)
+    if plan.cluster_bytes.max() <= loads.mean():
+        assert plan.balance <= 1.10, plan.describe()
+    else:   # a cluster's latent slice grows with N_c, so its bytes grow ~N_c²: one can outweigh a device's share
+        assert loads.max() <= 1.10 * plan.cluster_bytes.max(), plan.describe()
     assert sum(plan.bytes_per_device.values()) == plan.cluster_bytes.sum() + plan.denoiser_bytes
 
 
