@@ -16,7 +16,8 @@ configuration that cannot fit the devices it was given.
   large N by the N-wide weights and the dense batch × N tensors
   (``diffrec_memory_bytes``).
 - Memory per worker adds the cached user shard (int64 CSR of the worker's
-  train/valid/test interactions, doubled for the copy made while loading).
+  train/valid/test interactions, doubled for the copy made while loading) and
+  the process itself (Python, torch, Ray, pyarrow and Ray Data's read-ahead).
 
 Estimates are for refusing hopeless configurations and sizing clusters, not
 allocator-exact figures.
@@ -40,6 +41,10 @@ SHARD_BYTES_PER_INTERACTION = 8    # int64 item ids in the cached CSR
 SHARD_LOAD_COPIES = 2              # batches + their concatenation while the shard loads
 GPU_USABLE = 0.9               # CUDA context, allocator slack
 CPU_USABLE = 0.8               # the OS, Ray's object store, the driver
+# A train worker's own host memory before any model or data: interpreter, torch,
+# Ray, pyarrow, Ray Data's prefetched blocks (bench/scale.py measured 0.5 GiB RSS
+# at 10k items and ~1.1 GiB above the model + shard estimate at 1M items).
+WORKER_RUNTIME_BYTES = 768 * MIB
 
 # Memory of the GPUs Ray reports as "accelerator_type:<name>" (GiB, the common SKU).
 ACCELERATOR_MEMORY_GIB = {
@@ -163,12 +168,12 @@ class RunEstimate:
 
     @property
     def worker_bytes(self) -> int:
-        """Expected memory of one worker: its devices plus the cached users."""
-        return self.model_bytes + self.shard_bytes
+        """Expected memory of one worker: its devices, the cached users and the process."""
+        return self.model_bytes + self.shard_bytes + WORKER_RUNTIME_BYTES
 
     @property
     def host_bytes_per_worker(self) -> int:
-        return self.shard_bytes + (0 if self.on_gpu else self.model_bytes)
+        return self.shard_bytes + WORKER_RUNTIME_BYTES + (0 if self.on_gpu else self.model_bytes)
 
     def describe(self) -> str:
         name = {"diffrec": "DiffRec", "tdiffrec": "T-DiffRec", "ldiffrec": "L-DiffRec",
@@ -187,6 +192,7 @@ class RunEstimate:
             mark = " (denoiser)" if self.plan is not None and d == self.plan.denoiser_device else ""
             lines.append(f"  {d:<14}{self.params_per_device[d]:>14,}{self.bytes_per_device[d] / MIB:>12.1f}{mark}")
         lines.append(f"  user shard      {self.shard_bytes / MIB:,.1f} MiB host RAM per worker")
+        lines.append(f"  process         {WORKER_RUNTIME_BYTES / MIB:,.0f} MiB host RAM per worker (Python, torch, Ray)")
         lines.append(f"  per worker      {_size(self.worker_bytes)} expected "
                      f"({len(self.devices)} device(s){' + host RAM' if self.on_gpu else ''}); "
                      f"{self.workers} worker(s): {_size(self.workers * self.worker_bytes)} in all")
@@ -226,7 +232,7 @@ class RunEstimate:
         if self.plan is None:   # DiffRec: N-wide weights and dense B x N tensors on one device
             dims = list(getattr(cfg, "dims", [1000]))
             emb = getattr(cfg, "emb_size", 10)
-            per_dev = cap if self.on_gpu else cap // max(1, workers_per_machine) - self.shard_bytes
+            per_dev = cap if self.on_gpu else cap // max(1, workers_per_machine) - self.shard_bytes - WORKER_RUNTIME_BYTES
             best = diffrec_max_batch(self.n_items, dims, emb, per_dev)
             if best >= 1:
                 hints.append(f"a smaller train.batch_size (at most ~{best} fits; now {self.batch_size})")

@@ -7,7 +7,7 @@ import torch
 
 from clustering.placement import GIB, MIB
 from distributed.config import RunConfig
-from distributed.estimate import (EstimateDoesNotFit, accelerator_memory_bytes, device_memory,
+from distributed.estimate import (WORKER_RUNTIME_BYTES, EstimateDoesNotFit, accelerator_memory_bytes, device_memory,
                                   diffrec_max_batch, diffrec_memory_bytes, estimate_run, parameter_counts)
 from distributed.trainer import Resources
 from models.recommender import DiffusionRecommender
@@ -84,7 +84,7 @@ def test_latent_bytes_spread_over_the_gpus_of_a_worker():
     assert max(four.bytes_per_device.values()) < 0.3 * max(one.bytes_per_device.values())
     # user shard: 8 bytes x interactions / workers, doubled while loading, plus 3 int64 indptrs per user
     assert four.shard_bytes == 2 * 8 * 500_000_000 // 4 + 3 * 8 * (10_000_000 // 4 + 1)
-    assert four.worker_bytes == four.model_bytes + four.shard_bytes
+    assert four.worker_bytes == four.model_bytes + four.shard_bytes + WORKER_RUNTIME_BYTES
     text = four.describe()
     for needle in ("parameters", "cuda:3", "per worker", "user shard", "sizes assumed equal"):
         assert needle in text
@@ -130,7 +130,7 @@ def test_cpu_runs_check_the_workers_against_ram():
     config = run_config(variant="ldiffrec", dims=[64], n_clusters=4, latent_size=64)
     meta = {"n_items": 1000, "n_users": 2000, "n_train": 40_000, "n_valid": 10_000, "n_test": 5_000}
     est = estimate_run(config, meta, None, Resources(workers=2))
-    assert est.devices == ("cpu",) and est.worker_bytes < 64 * MIB
+    assert est.devices == ("cpu",) and est.worker_bytes < WORKER_RUNTIME_BYTES + 64 * MIB
     est.check(16 * GIB, workers_per_machine=2)
     with pytest.raises(EstimateDoesNotFit, match="fewer workers per machine"):
         est.check(int(est.worker_bytes * 1.5), workers_per_machine=2)
