@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 VARIANTS = ("diffrec", "ldiffrec", "tdiffrec", "ltdiffrec")
 MEAN_TYPES = ("x0", "eps")
+RECON_TARGETS = ("dropped", "input")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ModelConfig:
     latent_size: int = 300           # total latent size, shared among clusters by item count
     vae_hidden_dims: list[int] = field(default_factory=list)  # encoder hidden sizes (totals)
     vae_dropout: float = 0.1         # dropout on the encoder's (sparse) input
+    vae_tanh_out: bool = True        # tanh after the encoder's last layer too (the reference code):
+                                     # mean and log-variance bounded to (-1, 1)
+    vae_recon_target: str = "dropped"  # likelihood of the dropped-out input (the reference) or "input"
     shared_decoder: bool = False     # one linear decoder from the full latent to all N items
     kl_cap: float = 0.3              # gamma = min(kl_cap, step / kl_anneal_steps)
     kl_anneal_steps: int = 200       # 0 = gamma is kl_cap from the start
@@ -87,6 +91,8 @@ class ModelConfig:
             bad(f"variant={self.variant!r} is unknown; use one of {VARIANTS}")
         if self.mean_type not in MEAN_TYPES:
             bad(f"mean_type={self.mean_type!r} is unknown; use one of {MEAN_TYPES}")
+        if self.vae_recon_target not in RECON_TARGETS:
+            bad(f"vae_recon_target={self.vae_recon_target!r} is unknown; use one of {RECON_TARGETS}")
         if not self.dims or any(int(d) < 1 for d in self.dims):
             bad(f"dims={self.dims} must be a non-empty list of positive sizes, e.g. [1000]")
         if self.emb_size < 1:

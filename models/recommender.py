@@ -54,7 +54,8 @@ class DiffusionRecommender(nn.Module):
         self.vae = None
         if config.is_latent:
             self.vae = ClusterVAE(item_clusters, config.latent_size, config.vae_hidden_dims,
-                                  config.vae_dropout, config.shared_decoder, n_clusters=config.n_clusters)
+                                  config.vae_dropout, config.shared_decoder, n_clusters=config.n_clusters,
+                                  tanh_out=config.vae_tanh_out)
         width = config.latent_size if config.is_latent else n_items
         self.denoiser = Denoiser(width, list(config.dims), config.emb_size, config.dropout, config.norm)
         self.diffusion = GaussianDiffusion(config.steps, config.noise_scale, config.noise_min, config.noise_max,
@@ -113,7 +114,10 @@ class DiffusionRecommender(nn.Module):
             encoded = self.vae.encode(inputs)
             terms = self.diffusion.training_terms(self.denoiser, encoded.z)
             diffusion_loss = terms.loss.mean()
-            recon = self.vae.multinomial_nll(terms.x0_pred, inputs)   # decode the denoised latent
+            # decode the denoised latent; the reference scores it against the
+            # dropped-out input (dropped items are not targets, kept ones weigh 1/(1-p))
+            target = encoded.inputs if cfg.vae_recon_target == "dropped" else inputs
+            recon = self.vae.multinomial_nll(terms.x0_pred, target)
             gamma, lam = cfg.kl_weight(step), cfg.diffusion_weight(step)
             loss = recon + gamma * encoded.kl + lam * diffusion_loss
             parts = {"recon": recon.detach(), "kl": encoded.kl.detach(),

@@ -84,19 +84,22 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class ClusterEncoder(nn.Module):
-    """Sparse N_c items -> (hidden, tanh)* -> 2*d_c (mean, log-variance)."""
+    """Sparse N_c items -> (hidden, tanh)* -> 2*d_c (mean, log-variance), with a
+    last tanh when ``tanh_out`` (as the reference code: both bounded to (-1, 1))."""
 
-    def __init__(self, n_items: int, hidden: list[int], latent: int):
+    def __init__(self, n_items: int, hidden: list[int], latent: int, tanh_out: bool = True):
         super().__init__()
         sizes = hidden + [2 * latent]
         self.first = SparseLinear(n_items, sizes[0])
         self.rest = mlp(sizes) if len(sizes) > 1 else nn.Sequential()
-        self.latent = latent
+        self.latent, self.tanh_out = latent, tanh_out
 
     def forward(self, part: ClusterInput):
         h = self.first(part.offsets, part.local, part.values)
         if len(self.rest):
             h = self.rest(torch.tanh(h))
+        if self.tanh_out:
+            h = torch.tanh(h)
         return h[:, :self.latent], h[:, self.latent:]
 
 
@@ -105,11 +108,13 @@ class VAEOutput(NamedTuple):
     mu: torch.Tensor
     logvar: torch.Tensor
     kl: torch.Tensor       # scalar: mean over users of the KL to N(0, I)
+    inputs: list           # the ClusterInputs the encoder read (after input dropout)
 
 
 class ClusterVAE(nn.Module):
     def __init__(self, item_clusters, latent_size: int = 300, hidden_dims: list[int] | None = None,
-                 dropout: float = 0.1, shared_decoder: bool = False, n_clusters: int | None = None):
+                 dropout: float = 0.1, shared_decoder: bool = False, n_clusters: int | None = None,
+                 tanh_out: bool = True):
         super().__init__()
         item_clusters = torch.as_tensor(np.asarray(item_clusters), dtype=torch.long).reshape(-1)
         C = int(item_clusters.max()) + 1 if n_clusters is None else int(n_clusters)
@@ -139,7 +144,7 @@ class ClusterVAE(nn.Module):
         self.decoders = nn.ModuleList()
         for c in range(C):
             hidden_c = [h[c] for h in hidden_per_cluster]
-            enc = ClusterEncoder(self.cluster_sizes[c], hidden_c, self.latent_sizes[c])
+            enc = ClusterEncoder(self.cluster_sizes[c], hidden_c, self.latent_sizes[c], tanh_out)
             enc.register_buffer("global_ids", order[self.item_cluster[order] == c].clone(), persistent=False)
             self.encoders.append(enc)
             if not shared_decoder:
@@ -195,15 +200,15 @@ class ClusterVAE(nn.Module):
     # ---- encoder ---------------------------------------------------------------------
     def encode(self, parts: list[ClusterInput]) -> VAEOutput:
         first = self.first_device
-        mus, logvars = [], []
+        mus, logvars, dropped = [], [], []
         for c, part in enumerate(parts):
-            values = F.dropout(part.values, self.dropout, self.training)
-            mu, logvar = self.encoders[c](part._replace(values=values))
-            mus.append(mu.to(first)), logvars.append(logvar.to(first))
+            part = part._replace(values=F.dropout(part.values, self.dropout, self.training))
+            mu, logvar = self.encoders[c](part)
+            mus.append(mu.to(first)), logvars.append(logvar.to(first)), dropped.append(part)
         mu, logvar = torch.cat(mus, 1), torch.cat(logvars, 1)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1))
-        return VAEOutput(z, mu, logvar, kl)
+        return VAEOutput(z, mu, logvar, kl, dropped)
 
     # ---- decoder -----------------------------------------------------------------------
     def decoder_input(self, z: torch.Tensor) -> torch.Tensor:

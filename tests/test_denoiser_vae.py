@@ -137,6 +137,34 @@ def test_encoder_latents_and_kl():
     assert not torch.equal(vae.encode(parts).z, vae.encode(parts).z)     # reparameterised
 
 
+@pytest.mark.parametrize("tanh_out", [True, False])
+def test_encoder_output_activation(tanh_out):
+    """The reference encoder ends in tanh: mean and log-variance in (-1, 1)."""
+    torch.manual_seed(0)
+    clusters = np.arange(30) % 2
+    vae = ClusterVAE(clusters, latent_size=8, tanh_out=tanh_out).eval()
+    with torch.no_grad():                       # large weights: pre-activations far outside (-1, 1)
+        for enc in vae.encoders:
+            enc.first.weight.mul_(50)
+    out = vae.encode(vae.split(random_batch(10, 30, seed=5)))
+    bounded = bool((out.mu.abs() <= 1).all() and (out.logvar.abs() <= 1).all())
+    assert bounded == tanh_out
+
+
+def test_encoder_returns_the_dropped_out_input():
+    """encode(...).inputs: what the encoder read: items dropped to 0, kept ones
+    scaled by 1/(1-p) in training; the input itself in eval mode."""
+    torch.manual_seed(0)
+    vae = ClusterVAE(np.arange(40) % 2, latent_size=6, dropout=0.5)
+    parts = vae.split(random_batch(12, 40, seed=6))
+    dropped = vae.encode(parts).inputs
+    for part, seen in zip(parts, dropped):
+        assert torch.equal(seen.rows, part.rows) and torch.equal(seen.local, part.local)
+        assert set(seen.values.unique().tolist()) == {0.0, 2.0}
+    vae.eval()
+    assert all(torch.equal(seen.values, part.values) for part, seen in zip(parts, vae.encode(parts).inputs))
+
+
 def test_placement_plan_on_cpu_devices():
     torch.manual_seed(0)
     N = 40
