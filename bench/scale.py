@@ -13,7 +13,11 @@ so 1,000,000 items means 500,000 users and 50,000,000 interactions):
      training rate can be put against the machine's matrix-multiply rate
      measured in the same run;
   6. ask the start-up estimator whether DiffRec (no latent space) would fit;
-     where it cannot, the refusal it raises is printed instead of a crash.
+     where it cannot, the refusal it raises is printed instead of a crash;
+  7. (--probe-widths) at the largest catalog, time a few in-process training
+     steps for other decoder widths: the FLOP/s fraction is bounded by the
+     per-cluster width of the N-wide output layer (its arithmetic intensity),
+     so the probe shows what a wider model buys and costs per step.
 
     python bench/scale.py --items 10000,100000,1000000 [--workdir DIR] [--json PATH]
                           [--models ldiffrec,ltdiffrec] [--lt-max-items 100000] [--clusters 16]
@@ -146,7 +150,57 @@ def diffrec_check(n_items: int, meta: dict) -> dict:
         return {"diffrec_need_gib": round(need / GIB, 2), "diffrec_refused": str(e).splitlines()[0]}
 
 
-def run_size(items: int, variant: str, args, workdir: Path, log) -> dict:
+def probe_widths(items: int, clusters, widths, args, workdir: Path, log, steps: int = 4) -> dict:
+    """In-process training steps (forward + backward + Adam, this process's
+    threads) of the L-DiffRec model at each decoder width, on the prepared
+    set of ``items`` and its clustering from the main run: seconds per step,
+    model GFLOP/s and its fraction of the GEMM rate measured just before."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from distributed.dataset_format import user_files
+    from distributed.train_loop import make_optimizer
+    from models.batch import HistoryBatch
+    from models.recommender import DiffusionRecommender
+
+    data = workdir / f"synthetic-{items}"
+    meta = read_meta(data)
+    rows = pq.ParquetFile(user_files(data)[0]).read_row_group(0, columns=["train_items"])["train_items"].to_pylist()
+    threads = torch.get_num_threads()
+    out = {}
+    for width in widths:
+        config = scale_config("ldiffrec", args.clusters, args.latent, width, args.batch_size)
+        model_flops, _, params = flops_per_user(config, data, meta["n_items"], clusters)
+        torch.manual_seed(0)
+        model = DiffusionRecommender(config.model, meta["n_items"], item_clusters=clusters)
+        optimizer = make_optimizer(model, config)
+        B = args.batch_size
+        batches = [HistoryBatch.from_lists([np.asarray(x) for x in rows[i * B:(i + 1) * B]], meta["n_items"])
+                   for i in range(steps + 1)]
+        gemm = gemm_gflops(threads)
+        times = []
+        for i, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            model(batch, i).loss.backward()
+            optimizer.step()
+            if i:                                       # the first step warms the allocator
+                times.append(time.perf_counter() - t0)
+        per_step = float(np.median(times))
+        achieved = model_flops * B / per_step / 1e9
+        out[str(width)] = {"vae_hidden": width, "per_cluster_width": round(width / args.clusters, 1),
+                           "parameters": params, "s_per_step": round(per_step, 3),
+                           "users_per_s": round(B / per_step, 1), "achieved_gflops": round(achieved, 1),
+                           "gemm_gflops": round(gemm, 1), "gemm_fraction": round(achieved / gemm, 3),
+                           "threads": threads}
+        log(f"width probe {items:,} items, decoder {width} ({width / args.clusters:.0f} per cluster): "
+            f"{per_step:.2f} s/step, {achieved:.1f} of {gemm:.1f} GFLOP/s ({achieved / gemm:.0%})")
+        del model, optimizer
+    return out
+
+
+def run_size(items: int, variant: str, args, workdir: Path, log, clusters_by_items: dict) -> dict:
     from distributed.scoring import ScoreOptions, score_batch
     from distributed.trainer import Resources, prepare_clusters, train
 
@@ -163,6 +217,7 @@ def run_size(items: int, variant: str, args, workdir: Path, log) -> dict:
     t0 = time.time()
     clusters, _ = prepare_clusters(str(data), config, meta, run_dir)   # cached there for train()
     cluster_s = time.time() - t0
+    clusters_by_items[items] = clusters
     resources = Resources(workers=1)
     threads = resources.resolve(2).threads_per_worker
     gemm_before = gemm_gflops(threads)
@@ -220,6 +275,8 @@ COLUMNS = [("n_items", "items", "{:,}"), ("n_users", "users", "{:,}"), ("n_inter
 
 
 def print_table(results: dict) -> None:
+    probe = results.get("width_probe", {})
+    results = {k: r for k, r in results.items() if k != "width_probe"}
     widths = [max(len(h), 10) for _, h, _ in COLUMNS]
     print("model      " + " ".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
     for key, r in results.items():
@@ -233,9 +290,16 @@ def print_table(results: dict) -> None:
         cost = by_items[small]["train_users_per_s"] / by_items[large]["train_users_per_s"]
         print(f"training cost per user, {small:,} -> {large:,} items: x{cost:.2f} "
               f"(catalog x{large / small:.0f}; linear would be x{large / small:.0f})")
+    if probe:
+        print(f"\nwidth probe at {max(sizes):,} items (in-process steps): decoder width, per cluster, s/step, "
+              "users/s, GFLOP/s, of GEMM")
+        for r in probe.values():
+            print(f"  {r['vae_hidden']:>6} {r['per_cluster_width']:>6.0f} {r['s_per_step']:>7.2f} "
+                  f"{r['users_per_s']:>7.0f} {r['achieved_gflops']:>7.1f} {r['gemm_fraction']:>7.0%}")
 
 
 def plot(results: dict, path: Path) -> None:
+    results = {k: r for k, r in results.items() if k != "width_probe"}
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -274,6 +338,8 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--workdir", default=None, help="datasets, runs and recommendations (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the recommendation Parquet")
+    p.add_argument("--probe-widths", default="",
+                   help="decoder widths (--vae-hidden values) to time in-process at the largest size, e.g. 512,2048")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.items.split(",") if s.strip()]
@@ -285,15 +351,19 @@ def main(argv=None) -> dict:
     out_json = Path(args.json) if args.json else workdir / "scale.json"
     log = lambda msg: print(f"[scale] {msg}", flush=True)  # noqa: E731
     ensure_ray()
-    results = {}
+    results, clusters_by_items = {}, {}
     for items in sizes:
         for variant in variants:
             if variant == "ltdiffrec" and items > args.lt_max_items:
                 continue
             key = str(items) if variant == "ldiffrec" else f"{items}-{variant}"
-            results[key] = run_size(items, variant, args, workdir, log)
+            results[key] = run_size(items, variant, args, workdir, log, clusters_by_items)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(results, indent=2) + "\n")      # partial results survive a crash
+    widths = [int(w) for w in args.probe_widths.split(",") if w.strip()]
+    if widths:
+        results["width_probe"] = probe_widths(max(sizes), clusters_by_items[max(sizes)], widths, args, workdir, log)
+        out_json.write_text(json.dumps(results, indent=2) + "\n")
     print()
     print_table(results)
     png = out_json.with_suffix(".png")
