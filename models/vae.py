@@ -237,18 +237,32 @@ class ClusterVAE(nn.Module):
 
     def multinomial_nll(self, z: torch.Tensor, parts: list[ClusterInput]) -> torch.Tensor:
         """Mean over users of -Σ_i x_i log softmax(logits)_i over all N items:
-        -Σ_i x_i logit_i + (Σ_i x_i)·logsumexp_c(LSE_c), from per-cluster pieces."""
+        (Σ_i x_i)·logsumexp(logits) - Σ_i x_i logit_i. The log-normaliser comes
+        from per-cluster log-sum-exps (one over all N for the shared decoder);
+        Σ_i x_i logit_i = hidden · (Σ_i x_i w_i) + Σ_i x_i b_i is one
+        ``embedding_bag`` of decoder rows per user, never a (B, N_c) matrix nor
+        one gathered row per interaction."""
         first, B = z.device, z.shape[0]
-        lse, picked, mass = [], torch.zeros(B, device=first), torch.zeros(B, device=first)
+        picked, mass = torch.zeros(B, device=first), torch.zeros(B, device=first)
         h = self.decoder_input(z)
+        if self.shared:
+            log_norm = linear_logsumexp(h, self.shared_out.weight, self.shared_out.bias)
+        else:
+            lse = []
         for c, part in enumerate(parts):
-            hidden, weight, bias = self.cluster_head(c, h)
-            lse.append(linear_logsumexp(hidden, weight, bias).to(first))
-            # only the interacted items' logits are needed: gathered, never the (B, N_c) matrix
-            logit = (hidden[part.rows] * weight[part.local]).sum(1) + bias[part.local]
-            x_logit = logit * part.values
-            per_user = torch.zeros(B, device=hidden.device, dtype=hidden.dtype).index_add_(0, part.rows, x_logit)
-            picked = picked + per_user.to(first)
-            mass = mass.index_add(0, part.rows.to(first), part.values.to(first, mass.dtype))
-        log_norm = torch.logsumexp(torch.stack(lse, 1), 1)
+            if self.shared:
+                hidden, weight, bias = h, self.shared_out.weight, self.shared_out.bias
+                ids = self.encoders[c].global_ids.to(first)[part.local.to(first)]
+                rows, offsets, values = part.rows.to(first), part.offsets.to(first), part.values.to(first)
+            else:
+                hidden, weight, bias = self.cluster_head(c, h)
+                ids, rows, offsets, values = part.local, part.rows, part.offsets, part.values
+                lse.append(linear_logsumexp(hidden, weight, bias).to(first))
+            summed_rows = F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=values)
+            x_logit = (hidden * summed_rows).sum(1).index_add(0, rows, values * bias[ids])
+            picked = picked + x_logit.to(first)
+            mass = mass.index_add(0, rows.to(first), values.to(first, mass.dtype))
+        if not self.shared:
+            log_norm = torch.logsumexp(torch.stack(lse, 1), 1)
         return (mass * log_norm - picked).mean()
+
