@@ -90,15 +90,13 @@ def prepared(items: int, users: int, interactions: int, workdir: Path, log) -> t
 def gemm_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
     """This machine's fp32 matrix-multiply rate (best of ``repeats``) at ``threads``."""
     import torch
+
+    from bench.train_step import make_gemm
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
+    gemm = make_gemm(size, size, size)
+    gemm()                                              # warm-up
+    best = min(gemm() for _ in range(repeats))
     torch.set_num_threads(before)
     return 2 * size**3 / best / 1e9
 

@@ -74,9 +74,17 @@ def load_item_clusters(directory: str | Path) -> np.ndarray | None:
     return np.asarray(load_clusters(path).assignment, dtype=np.int64)
 
 
+# Model options added after checkpoints were first written, with the behaviour those
+# checkpoints were trained with (their defaults have since changed).
+LEGACY_MODEL_OPTIONS = {"vae_tanh_out": False, "vae_recon_target": "input"}
+
+
 def load_model(directory: str | Path, device="cpu") -> tuple[DiffusionRecommender, RunConfig, dict]:
     """(model in eval mode, its run config, checkpoint info) from a checkpoint directory."""
     info = read_checkpoint_config(directory)
+    model_options = info["config"].setdefault("model", {})
+    for key, value in LEGACY_MODEL_OPTIONS.items():
+        model_options.setdefault(key, value)
     config = RunConfig.from_dict(info["config"])
     model = DiffusionRecommender(config.model, info["n_items"], load_item_clusters(directory))
     state = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)

@@ -169,11 +169,12 @@ class RunEstimate:
     @property
     def worker_bytes(self) -> int:
         """Expected memory of one worker: its devices, the cached users and the process."""
-        return self.model_bytes + self.shard_bytes + WORKER_RUNTIME_BYTES
+        return self.model_bytes + self.process_bytes
 
     @property
-    def host_bytes_per_worker(self) -> int:
-        return self.shard_bytes + WORKER_RUNTIME_BYTES + (0 if self.on_gpu else self.model_bytes)
+    def process_bytes(self) -> int:
+        """Host memory of a worker besides the model: the cached users and the process."""
+        return self.shard_bytes + WORKER_RUNTIME_BYTES
 
     def describe(self) -> str:
         name = {"diffrec": "DiffRec", "tdiffrec": "T-DiffRec", "ldiffrec": "L-DiffRec",
@@ -232,7 +233,7 @@ class RunEstimate:
         if self.plan is None:   # DiffRec: N-wide weights and dense B x N tensors on one device
             dims = list(getattr(cfg, "dims", [1000]))
             emb = getattr(cfg, "emb_size", 10)
-            per_dev = cap if self.on_gpu else cap // max(1, workers_per_machine) - self.shard_bytes - WORKER_RUNTIME_BYTES
+            per_dev = cap if self.on_gpu else cap // max(1, workers_per_machine) - self.process_bytes
             best = diffrec_max_batch(self.n_items, dims, emb, per_dev)
             if best >= 1:
                 hints.append(f"a smaller train.batch_size (at most ~{best} fits; now {self.batch_size})")

@@ -91,6 +91,9 @@ class ModelConfig:
             bad(f"variant={self.variant!r} is unknown; use one of {VARIANTS}")
         if self.mean_type not in MEAN_TYPES:
             bad(f"mean_type={self.mean_type!r} is unknown; use one of {MEAN_TYPES}")
+        for f in fields(self):   # a "false" string from JSON or the command line would be truthy
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                bad(f"{f.name}={getattr(self, f.name)!r} must be true or false")
         if self.vae_recon_target not in RECON_TARGETS:
             bad(f"vae_recon_target={self.vae_recon_target!r} is unknown; use one of {RECON_TARGETS}")
         if not self.dims or any(int(d) < 1 for d in self.dims):

@@ -2,10 +2,11 @@
 for training (``linear_logsumexp``) and top-k for ranking (``linear_topk``).
 
 The multinomial likelihood of the cluster VAE only needs, per user, the
-log-sum-exp of the decoder's last layer over a cluster's items (plus a few
-logits gathered sparsely). Materialised, those B × N_c logits cost about ten
-memory passes per step (the output, logsumexp's temporaries, the saved
-activations, the softmax of the backward) and, at a million items, most of the
+log-sum-exp of the decoder's last layer over a cluster's items (the
+interacted items' logits are summed apart, through an ``embedding_bag``).
+Materialised, those B × N_c logits cost about ten memory passes per step
+(the output, logsumexp's temporaries, the saved activations, the softmax of
+the backward) and, at a million items, most of the
 step time. Here the items are taken in chunks small enough to stay in cache:
 forward keeps a running max and sum (online logsumexp), backward recomputes
 each chunk's logits and turns them into softmax · grad in place. Per logit

@@ -12,7 +12,8 @@ Memory and compute follow batch × largest cluster:
   its cost follows the interactions, not N_c;
 - the multinomial log-likelihood over all N items is assembled from
   per-cluster log-sum-exps (``fused_output``: computed in cache-sized item chunks,
-  the B × N_c logits are never stored) and sparsely gathered logits.
+  the B × N_c logits are never stored) and, for the interacted items' logits,
+  one ``embedding_bag`` of decoder rows per user.
 
 Cluster c's encoder/decoder may sit on its own device (``place``); the
 latent, the loss and everything shared live on the ``first`` device.
@@ -71,6 +72,7 @@ class ClusterInput(NamedTuple):
     local: torch.Tensor     # (nnz_c,) item index within the cluster
     values: torch.Tensor    # (nnz_c,) interaction weight
     offsets: torch.Tensor   # (B,) start of each user's run, for embedding_bag
+    items: torch.Tensor     # (nnz_c,) global item index (for the shared decoder's rows)
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
@@ -193,8 +195,9 @@ class ClusterVAE(nn.Module):
             rows_c = rows[idx]
             per_user = torch.bincount(rows_c, minlength=batch.size)
             offsets = torch.cumsum(per_user, 0) - per_user
-            parts.append(ClusterInput(rows_c.to(device), self.item_local[items[idx]].to(device),
-                                      values[idx].to(device), offsets.to(device)))
+            items_c = items[idx]
+            parts.append(ClusterInput(rows_c.to(device), self.item_local[items_c].to(device),
+                                      values[idx].to(device), offsets.to(device), items_c.to(device)))
         return parts
 
     # ---- encoder ---------------------------------------------------------------------
@@ -239,30 +242,36 @@ class ClusterVAE(nn.Module):
         """Mean over users of -Σ_i x_i log softmax(logits)_i over all N items:
         (Σ_i x_i)·logsumexp(logits) - Σ_i x_i logit_i. The log-normaliser comes
         from per-cluster log-sum-exps (one over all N for the shared decoder);
-        Σ_i x_i logit_i = hidden · (Σ_i x_i w_i) + Σ_i x_i b_i is one
-        ``embedding_bag`` of decoder rows per user, never a (B, N_c) matrix nor
-        one gathered row per interaction."""
+        Σ_i x_i logit_i from ``interacted_logits``, never a (B, N_c) matrix."""
         first, B = z.device, z.shape[0]
-        picked, mass = torch.zeros(B, device=first), torch.zeros(B, device=first)
         h = self.decoder_input(z)
+        rows = torch.cat([p.rows.to(first) for p in parts])
+        values = torch.cat([p.values.to(first) for p in parts])
+        mass = torch.zeros(B, device=first, dtype=values.dtype).index_add_(0, rows, values)
         if self.shared:
-            log_norm = linear_logsumexp(h, self.shared_out.weight, self.shared_out.bias)
+            weight, bias = self.shared_out.weight, self.shared_out.bias
+            log_norm = linear_logsumexp(h, weight, bias)
+            # all clusters' interactions in one bag per user: rows back in batch order
+            order = torch.sort(rows, stable=True).indices
+            items = torch.cat([p.items.to(first) for p in parts])[order]
+            per_user = torch.bincount(rows, minlength=B)
+            picked = interacted_logits(h, weight, bias, items, rows[order], torch.cumsum(per_user, 0) - per_user,
+                                       values[order])
         else:
-            lse = []
-        for c, part in enumerate(parts):
-            if self.shared:
-                hidden, weight, bias = h, self.shared_out.weight, self.shared_out.bias
-                ids = self.encoders[c].global_ids.to(first)[part.local.to(first)]
-                rows, offsets, values = part.rows.to(first), part.offsets.to(first), part.values.to(first)
-            else:
+            lse, picked = [], torch.zeros(B, device=first)
+            for c, part in enumerate(parts):
                 hidden, weight, bias = self.cluster_head(c, h)
-                ids, rows, offsets, values = part.local, part.rows, part.offsets, part.values
                 lse.append(linear_logsumexp(hidden, weight, bias).to(first))
-            summed_rows = F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=values)
-            x_logit = (hidden * summed_rows).sum(1).index_add(0, rows, values * bias[ids])
-            picked = picked + x_logit.to(first)
-            mass = mass.index_add(0, rows.to(first), values.to(first, mass.dtype))
-        if not self.shared:
+                picked = picked + interacted_logits(hidden, weight, bias, part.local, part.rows, part.offsets,
+                                                    part.values).to(first)
             log_norm = torch.logsumexp(torch.stack(lse, 1), 1)
         return (mass * log_norm - picked).mean()
 
+
+def interacted_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor,
+                      rows: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B,) Σ_i x_i logit_i over each user's interactions (``ids`` grouped by user,
+    ``offsets`` their starts) = hidden · (Σ_i x_i w_i) + Σ_i x_i b_i: one
+    ``embedding_bag`` of output-layer rows per user, no per-interaction gathers."""
+    summed_rows = F.embedding_bag(ids, weight, offsets, mode="sum", per_sample_weights=values)
+    return (hidden * summed_rows).sum(1).index_add(0, rows, values * bias[ids])

@@ -41,6 +41,8 @@ def build(variant, n_items=90, **kw):
     (dict(dims=[]), "dims"), (dict(variant="ldiffrec", n_clusters=0), "n_clusters"),
     (dict(variant="ldiffrec", n_clusters=500), "n_clusters"), (dict(mean_type="eps", noise_scale=0.0), "eps"),
     (dict(noise_scale=2.0, noise_max=0.9), "noise_scale"),
+    (dict(vae_recon_target="x"), "vae_recon_target"), (dict(vae_tanh_out="false"), "vae_tanh_out"),
+    (dict(reweight=1), "reweight"),
 ])
 def test_config_validation_names_the_field(changes, field):
     cfg = ModelConfig(**{**dict(variant="diffrec"), **changes})
@@ -117,6 +119,22 @@ def test_edge_configs_train_and_score(variant, edge):
         assert torch.isfinite(out.loss)
     values, ids = model.score_topk(batch, 10)
     assert ids.shape == (12, 10) and torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_recon_target_is_the_dropped_out_input_only_when_asked(shared):
+    """With input dropout, "dropped" scores the likelihood against what the encoder
+    read and "input" against the full history; without dropout they agree."""
+    batch = random_batch(16, 90)
+
+    def recon(target, dropout):
+        torch.manual_seed(0)
+        model = build("ldiffrec", vae_recon_target=target, vae_dropout=dropout, shared_decoder=shared).train()
+        torch.manual_seed(1)   # the same dropout mask, latent noise and timesteps for both targets
+        return float(model(batch).parts["recon"])
+
+    assert recon("dropped", 0.5) != pytest.approx(recon("input", 0.5), rel=1e-3)
+    assert recon("dropped", 0.0) == pytest.approx(recon("input", 0.0), rel=1e-6)
 
 
 def test_state_dict_round_trip_reproduces_scores():
