@@ -104,6 +104,9 @@ class ScoreOptions:
         return self
 
 
+PROGRESS_EVERY_S = 30.0   # an actor's progress line at most this often
+
+
 def _log(msg: str) -> None:
     print(f"[score] {msg}", flush=True)
 
@@ -367,7 +370,7 @@ class TopKScorer:
 
     def __init__(self, checkpoint: str, k: int, fmt: str, history_columns: list[str], fallback: str,
                  device: str = "cpu", threads: int | None = None, fail_after_batches: int | None = None,
-                 delay_per_batch_s: float = 0.0):
+                 delay_per_batch_s: float = 0.0, total_users: int = 0, actors: int = 1):
         import torch
 
         from distributed.checkpoint import load_model
@@ -385,6 +388,21 @@ class TopKScorer:
         self.popular_ids = popular.astype(np.int64)
         self.popular_scores = (counts[popular] / max(counts.sum(), 1.0)).astype(np.float32)
         self.fail_after, self.delay, self.calls = fail_after_batches, float(delay_per_batch_s), 0
+        self.total_users, self.actors, self.users_done = int(total_users), max(1, int(actors)), 0
+        self.started = self.last_report = time.time()
+
+    def report_progress(self, n: int) -> None:
+        """A progress line every PROGRESS_EVERY_S (Ray forwards actor output to the
+        driver); the time left assumes the other actors go at this one's pace."""
+        self.users_done += n
+        now = time.time()
+        if now - self.last_report < PROGRESS_EVERY_S:
+            return
+        self.last_report = now
+        rate = self.users_done / max(now - self.started, 1e-9)
+        left = max(0, self.total_users - self.users_done * self.actors) / max(rate * self.actors, 1e-9)
+        _log(f"this actor: {self.users_done:,} users, {rate:,.0f} users/s; "
+             f"~{left:,.0f}s left for the {self.total_users:,} users")
 
     def topk(self, indptr: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, k) item indices (-1 padded) and float32 scores via the model's inference path."""
@@ -415,6 +433,7 @@ class TopKScorer:
                 sub_items = items[np.repeat(has, lengths)]
             ids_h, scores_h = self.topk(sub_ptr, sub_items)
             ids[has, :ids_h.shape[1]], scores[has, :ids_h.shape[1]] = ids_h, scores_h
+        self.report_progress(n)
         fallback = ~has
         if self.fallback == "none":
             keep = np.flatnonzero(has)
@@ -525,7 +544,8 @@ def score_batch(checkpoint: str, users: str, output: str, options: ScoreOptions 
     scorer_kwargs = dict(checkpoint=checkpoint, k=options.k, fmt=options.format, history_columns=history_columns,
                          fallback=options.fallback, device=res["device"], threads=res["threads"],
                          fail_after_batches=options.fail_after_batches,
-                         delay_per_batch_s=options.delay_per_batch_s)
+                         delay_per_batch_s=options.delay_per_batch_s,
+                         total_users=stats["input_users"], actors=res["concurrency"])
     with atomic_output_dir(output, options.overwrite, "output") as tmp:
         t0 = time.time()
         scored = ds.map_batches(TopKScorer, fn_constructor_kwargs=scorer_kwargs, batch_size=options.batch_size,

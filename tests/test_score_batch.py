@@ -202,3 +202,12 @@ def test_scorer_pads_short_lists_and_masks_history(trained):
     assert sorted(out["item_ids"].to_pylist()[0]) == sorted(catalog.to_pylist()[-2:])
     empty = scorer(pa.table({"user_id": pa.array([], pa.string()), "history": pa.array([], pa.list_(pa.int32()))}))
     assert empty.num_rows == 0 and empty.column_names == ["user_id", "item_ids", "scores", "fallback"]
+
+
+def test_scorer_prints_progress_with_time_left(trained, monkeypatch, capsys):
+    import distributed.scoring as scoring
+    scorer = scoring.TopKScorer(trained["checkpoint"], 5, "lists", ["history"], "popular", total_users=40, actors=2)
+    monkeypatch.setattr(scoring, "PROGRESS_EVERY_S", 0.0)
+    scorer(pa.table({"user_id": ["a", "b"], "history": pa.array([[0, 1], [2]], pa.list_(pa.int32()))}))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("[score] this actor: 2 users,") and "left for the 40 users" in line
