@@ -338,6 +338,9 @@ def main(argv=None) -> dict:
     p.add_argument("--keep", action="store_true", help="keep the recommendation Parquet")
     p.add_argument("--probe-widths", default="",
                    help="decoder widths (--vae-hidden values) to time in-process at the largest size, e.g. 512,2048")
+    p.add_argument("--probe-only", action="store_true",
+                   help="only the width probe, on the largest size already prepared and clustered in --workdir "
+                        "(its figures replace width_probe in the JSON, the runs' figures are kept)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.items.split(",") if s.strip()]
@@ -348,6 +351,8 @@ def main(argv=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     out_json = Path(args.json) if args.json else workdir / "scale.json"
     log = lambda msg: print(f"[scale] {msg}", flush=True)  # noqa: E731
+    if args.probe_only:
+        return probe_only(args, sizes, workdir, out_json, log)
     ensure_ray()
     results, clusters_by_items = {}, {}
     for items in sizes:
@@ -362,6 +367,26 @@ def main(argv=None) -> dict:
     if widths:
         results["width_probe"] = probe_widths(max(sizes), clusters_by_items[max(sizes)], widths, args, workdir, log)
         out_json.write_text(json.dumps(results, indent=2) + "\n")
+    return report(results, out_json)
+
+
+def probe_only(args, sizes, workdir: Path, out_json: Path, log) -> dict:
+    from distributed.trainer import prepare_clusters
+    items = max(sizes)
+    widths = [int(w) for w in args.probe_widths.split(",") if w.strip()]
+    data = workdir / f"synthetic-{items}"
+    if not widths or not (data / "meta.json").exists():
+        raise SystemExit(f"--probe-only needs --probe-widths and {data} prepared by an earlier full run "
+                         f"with this --workdir")
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    config = scale_config("ldiffrec", args.clusters, args.latent, args.vae_hidden, args.batch_size)
+    clusters, _ = prepare_clusters(str(data), config, read_meta(data), workdir / "runs" / f"scale-ldiffrec-{items}")
+    results["width_probe"] = probe_widths(items, clusters, widths, args, workdir, log)
+    out_json.write_text(json.dumps(results, indent=2) + "\n")
+    return report(results, out_json)
+
+
+def report(results: dict, out_json: Path) -> dict:
     print()
     print_table(results)
     png = out_json.with_suffix(".png")

@@ -5,22 +5,47 @@ The multinomial likelihood of the cluster VAE only needs, per user, the
 log-sum-exp of the decoder's last layer over a cluster's items (the
 interacted items' logits are summed apart, through an ``embedding_bag``).
 Materialised, those B × N_c logits cost about ten memory passes per step
-(the output, logsumexp's temporaries, the saved activations, the softmax of
-the backward) and, at a million items, most of the
-step time. Here the items are taken in chunks small enough to stay in cache:
-forward keeps a running max and sum (online logsumexp), backward recomputes
-each chunk's logits and turns them into softmax · grad in place. Per logit
-that is two matmul passes and two exps, and memory is O(B · chunk).
+and, at a million items, most of the step time. Here the items are taken in
+chunks small enough to stay in cache, and each chunk costs one matmul, one
+exp and one reduction: the bias and the per-row shift ride inside the
+matmul as two extra columns, [h, -shift, 1] @ [W, 1, b]ᵀ = logits - shift,
+so no pass copies the bias in, finds a max or subtracts it. Forward keeps
+the running logsumexp as the shift (online logsumexp); backward recomputes
+each chunk's logits with lse - log(upstream gradient) as the shift, which
+yields softmax · grad directly. Memory is O(B · chunk).
 """
 from __future__ import annotations
 
 import torch
 
 CHUNK_ELEMENTS = 1 << 19   # logits per chunk (2 MiB in fp32): stays in a CPU core's cache
+LOG_ZERO = -1e4            # log of a zero upstream gradient: exp() of it is exactly 0
 
 
 def chunk_size(batch: int, n_out: int) -> int:
     return max(1, min(n_out, CHUNK_ELEMENTS // max(batch, 1)))
+
+
+def _with_shift_columns(h: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """([h, -shift, 1], [W, 1, b]): their product is h @ Wᵀ + b - shift."""
+    h_aug = torch.cat([h, -shift[:, None], h.new_ones(h.shape[0], 1)], 1)
+    weight_aug = torch.cat([weight, weight.new_ones(weight.shape[0], 1), bias[:, None]], 1)
+    return h_aug, weight_aug
+
+
+def _exact_logsumexp(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Online logsumexp with each chunk's own max: the fallback for rows whose
+    logits jump more than exp's range above the running value."""
+    B, N = h.shape[0], weight.shape[0]
+    step = chunk_size(B, N)
+    running_max = torch.full((B,), float("-inf"), device=h.device, dtype=h.dtype)
+    running_sum = torch.zeros(B, device=h.device, dtype=h.dtype)
+    for lo in range(0, N, step):
+        logits = torch.addmm(bias[lo:lo + step], h, weight[lo:lo + step].t())
+        new_max = torch.maximum(running_max, logits.amax(1))
+        running_sum = running_sum * torch.exp(running_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(1)
+        running_max = new_max
+    return running_max + torch.log(running_sum)
 
 
 class LinearLogSumExp(torch.autograd.Function):
@@ -30,15 +55,18 @@ class LinearLogSumExp(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         B, N = h.shape[0], weight.shape[0]
         step = chunk_size(B, N)
-        running_max = torch.full((B,), float("-inf"), device=h.device, dtype=h.dtype)
-        running_sum = torch.zeros(B, device=h.device, dtype=h.dtype)
-        for lo in range(0, N, step):
-            logits = torch.addmm(bias[lo:lo + step], h, weight[lo:lo + step].t())
-            new_max = torch.maximum(running_max, logits.amax(1))
-            running_sum = (running_sum * torch.exp(running_max - new_max)
-                           + logits.sub_(new_max[:, None]).exp_().sum(1))
-            running_max = new_max
-        lse = running_max + torch.log(running_sum)
+        first = torch.addmm(bias[:step], h, weight[:step].t())
+        peak = first.amax(1)
+        lse = peak + torch.log(first.sub_(peak[:, None]).exp_().sum(1))
+        h_aug, weight_aug = _with_shift_columns(h, lse, weight, bias)
+        for lo in range(step, N, step):
+            # Σ exp(logit - lse) over the chunk; lse grows by log(1 + that)
+            lse = lse + torch.log1p(torch.mm(h_aug, weight_aug[lo:lo + step].t()).exp_().sum(1))
+            h_aug[:, -2] = -lse
+        overflowed = ~torch.isfinite(lse)        # one check per call (a sync on GPUs), not per chunk
+        if bool(overflowed.any()):
+            rows = torch.nonzero(overflowed).flatten()
+            lse[rows] = _exact_logsumexp(h[rows], weight, bias)
         ctx.save_for_backward(h, weight, bias, lse)
         return lse
 
@@ -48,14 +76,18 @@ class LinearLogSumExp(torch.autograd.Function):
         B, N = h.shape[0], weight.shape[0]
         step = chunk_size(B, N)
         need_h, need_w, need_b = ctx.needs_input_grad
+        # d lse / d logit = softmax; with g >= 0, softmax · g = exp(logit - (lse - log g))
+        scale_in_shift = bool((grad_lse >= 0).all())
+        shift = lse - torch.log(grad_lse).clamp_min(LOG_ZERO) if scale_in_shift else lse
+        h_aug, weight_aug = _with_shift_columns(h, shift, weight, bias)
         grad_h = torch.zeros_like(h) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = torch.empty_like(bias) if need_b else None
         for lo in range(0, N, step):
             hi = min(N, lo + step)
-            logits = torch.addmm(bias[lo:hi], h, weight[lo:hi].t())
-            # d lse / d logit = softmax; scaled by the incoming gradient per user
-            p = logits.sub_(lse[:, None]).exp_().mul_(grad_lse[:, None])
+            p = torch.mm(h_aug, weight_aug[lo:hi].t()).exp_()
+            if not scale_in_shift:
+                p.mul_(grad_lse[:, None])
             if need_h:
                 grad_h.addmm_(p, weight[lo:hi])
             if need_w:
