@@ -58,7 +58,8 @@ class LinearLogSumExp(torch.autograd.Function):
         first = torch.addmm(bias[:step], h, weight[:step].t())
         peak = first.amax(1)
         lse = peak + torch.log(first.sub_(peak[:, None]).exp_().sum(1))
-        h_aug, weight_aug = _with_shift_columns(h, lse, weight, bias)
+        if step < N:
+            h_aug, weight_aug = _with_shift_columns(h, lse, weight, bias)
         for lo in range(step, N, step):
             # Σ exp(logit - lse) over the chunk; lse grows by log(1 + that)
             lse = lse + torch.log1p(torch.mm(h_aug, weight_aug[lo:lo + step].t()).exp_().sum(1))
