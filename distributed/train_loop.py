@@ -123,6 +123,19 @@ def _quiet_ray_train() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def load_training_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Load a checkpoint's weights and optimizer into ``model``/``optimizer``; returns its
+    loop state (epoch, step, best, history)."""
+    try:
+        model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise RuntimeError(f"cannot resume from {directory}: {e}; delete that directory to resume from an "
+                           f"earlier checkpoint, or use another --name to start over") from e
+    optimizer.load_state_dict(state.pop("optimizer"))
+    return state
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
 
@@ -144,11 +157,13 @@ def train_loop_per_worker(cfg: dict) -> None:
                                          weights_only=True))
     elif checkpoint is not None:
         with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
-            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        state = saved
+            state = load_training_state(Path(d), model, optimizer)
         log(f"resumed from epoch {state['epoch']} (step {state['step']})")
+    elif cfg.get("resume_dir"):
+        # Ray restores only checkpoints its controller had registered; a run killed just
+        # after a report leaves newer ones on disk, which the driver found for us.
+        state = load_training_state(Path(cfg["resume_dir"]), model, optimizer)
+        log(f"resumed from epoch {state['epoch']} (step {state['step']}) of {cfg['resume_dir']}")
     torch.manual_seed(run.train.seed * 7919 + 104729 * rank + state["epoch"])   # per-worker noise/dropout
     ddp = model
     if world > 1:

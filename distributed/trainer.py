@@ -170,11 +170,22 @@ def train(data_dir: str, config: RunConfig, resources: Resources | None = None, 
     from distributed.estimate import startup_estimate
     startup_estimate(config, meta, item_clusters, resources, log=_log)
     trainer = build_trainer(data_dir, config, resources, storage, name, meta, item_clusters, clusters_dir,
-                            kill_worker=kill_worker)
+                            kill_worker=kill_worker, resume_dir=newest_checkpoint(run_dir, storage))
     result = trainer.fit()
     summary = finish_run(result, config, run_dir, time.time() - started)
     publish_run_files(run_dir, storage, name)
     return summary
+
+
+def newest_checkpoint(run_dir: Path, storage: str) -> str | None:
+    """The newest complete checkpoint directory of a local run, the fallback resume point
+    when Ray's own snapshot lacks it (object stores: Ray's snapshot only)."""
+    from distributed.checkpoint import MODEL_FILE, STATE_FILE
+    if "://" in storage:
+        return None
+    complete = [d for d in sorted(run_dir.glob("checkpoint_*"))      # timestamped names: oldest first
+                if (d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file()]
+    return str(complete[-1].resolve()) if complete else None
 
 
 def publish_run_files(run_dir: Path, storage: str, name: str) -> None:
