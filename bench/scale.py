@@ -351,8 +351,9 @@ def main(argv=None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     out_json = Path(args.json) if args.json else workdir / "scale.json"
     log = lambda msg: print(f"[scale] {msg}", flush=True)  # noqa: E731
+    widths = [int(w) for w in args.probe_widths.split(",") if w.strip()]
     if args.probe_only:
-        return probe_only(args, sizes, workdir, out_json, log)
+        return probe_only(args, max(sizes), widths, workdir, out_json, log)
     ensure_ray()
     results, clusters_by_items = {}, {}
     for items in sizes:
@@ -363,17 +364,14 @@ def main(argv=None) -> dict:
             results[key] = run_size(items, variant, args, workdir, log, clusters_by_items)
             out_json.parent.mkdir(parents=True, exist_ok=True)
             out_json.write_text(json.dumps(results, indent=2) + "\n")      # partial results survive a crash
-    widths = [int(w) for w in args.probe_widths.split(",") if w.strip()]
     if widths:
         results["width_probe"] = probe_widths(max(sizes), clusters_by_items[max(sizes)], widths, args, workdir, log)
         out_json.write_text(json.dumps(results, indent=2) + "\n")
     return report(results, out_json)
 
 
-def probe_only(args, sizes, workdir: Path, out_json: Path, log) -> dict:
+def probe_only(args, items: int, widths: list[int], workdir: Path, out_json: Path, log) -> dict:
     from distributed.trainer import prepare_clusters
-    items = max(sizes)
-    widths = [int(w) for w in args.probe_widths.split(",") if w.strip()]
     data = workdir / f"synthetic-{items}"
     if not widths or not (data / "meta.json").exists():
         raise SystemExit(f"--probe-only needs --probe-widths and {data} prepared by an earlier full run "

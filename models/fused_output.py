@@ -55,9 +55,7 @@ class LinearLogSumExp(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         B, N = h.shape[0], weight.shape[0]
         step = chunk_size(B, N)
-        first = torch.addmm(bias[:step], h, weight[:step].t())
-        peak = first.amax(1)
-        lse = peak + torch.log(first.sub_(peak[:, None]).exp_().sum(1))
+        lse = _exact_logsumexp(h, weight[:step], bias[:step])   # the first chunk sets the shift
         if step < N:
             h_aug, weight_aug = _with_shift_columns(h, lse, weight, bias)
         for lo in range(step, N, step):
