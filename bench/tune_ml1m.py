@@ -7,7 +7,8 @@
 Prepares ../shared/data/ml-1m_clean (the DiffRec paper's split) once into runs/ml-1m-diffrec,
 then runs jobs/tune_ldiffrec.py's search from the paper's preset (jobs/configs/ml-1m.yaml,
 LightGCN item embeddings for the clustering) over a space narrowed around it
-(jobs/configs/tune-space-ml1m.yaml: 8 trials of up to 30 epochs) with ASHA on valid NDCG@20. Reports the best trial's validation
+(jobs/configs/tune-space-ml1m.yaml: 8 trials of up to 30 epochs) with ASHA on valid Recall@20
+(grace 10 epochs). Reports the best trial's validation
 metrics and the test metrics *of the epoch chosen on validation* (test is never used to
 choose), next to the project's EASE (λ chosen on validation) and EASE scoring the
 time-weighted history (ease-tw: w_min 0.1, w_max 1.0) on the same split.
@@ -64,12 +65,13 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="tdiffrec", choices=("diffrec", "tdiffrec", "ldiffrec", "ltdiffrec"))
     p.add_argument("--space", default=str(REPO / "jobs" / "configs" / "tune-space-ml1m.yaml"))
     p.add_argument("--samples", type=int, default=None, help="trials (default: the space file's)")
-    p.add_argument("--metric", default="ndcg@20", choices=("ndcg@20", "recall@20"))
+    p.add_argument("--metric", default=None, choices=("ndcg@20", "recall@20"),
+                   help="validation metric for ASHA and the choice (default: the space file's, recall@20)")
     p.add_argument("--storage", default=str(REPO / "runs" / "tune"))
     p.add_argument("--name", default=None)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=int, default=0)
-    p.add_argument("--grace-period", type=int, default=5)
+    p.add_argument("--grace-period", type=int, default=None, help="ASHA grace in epochs (default: the space file's, 10)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. epochs=30 'n_clusters={choice: [1, 2, 3]}'")
     args = p.parse_args(argv)
     data = ensure_ml1m()
