@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 DEFAULT_SVD_DIM = 64
 
@@ -39,13 +38,14 @@ class ItemEmbeddings:
 # interactions -> sparse matrix -> SVD
 # ----------------------------------------------------------------------------
 
-def interaction_matrix(user_indptr, item_indices=None, n_items: int | None = None) -> sp.csr_matrix:
+def interaction_matrix(user_indptr, item_indices=None, n_items: int | None = None) -> "sp.csr_matrix":
     """Binary users x items CSR matrix (float32) from CSR-like arrays.
 
     Accepts either `(user_indptr, item_indices, n_items)` — user u's items are
     `item_indices[user_indptr[u]:user_indptr[u+1]]` — or a scipy.sparse matrix
     as the first argument. Repeated (user, item) pairs count once.
     """
+    import scipy.sparse as sp   # lazy: k-means alone (bench/gpu_check.py on a GPU node) needs no scipy
     if sp.issparse(user_indptr):
         matrix = sp.csr_matrix(user_indptr, dtype=np.float32, copy=True)
         if n_items is not None and matrix.shape[1] != n_items:

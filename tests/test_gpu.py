@@ -183,8 +183,10 @@ def test_auto_backend_picks_the_gpu():
 
 def _run_gpu_check(tmp_path, *args):
     out = tmp_path / "gpu_check.json"
-    # In a fresh interpreter, and it must not import Ray (a GPU node with only CUDA PyTorch runs it).
+    # In a fresh interpreter, and it must not import Ray (a GPU node with only CUDA PyTorch runs it);
+    # scipy and scikit-learn are hidden too: FAISS k-means must not need them.
     code = ("import runpy, sys; sys.argv = ['gpu_check.py'] + sys.argv[1:]\n"
+            "sys.modules.update(scipy=None, sklearn=None)\n"
             "try:\n    runpy.run_path('bench/gpu_check.py', run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'imported Ray'\n")
@@ -200,6 +202,7 @@ def test_gpu_check_smoke_without_ray(tmp_path):
                                     "--kmeans-dim", "8")
     assert "L-DiffRec placement" in stdout and "steps/s" in stdout and "users/s" in stdout
     assert result["steps"] == 3 and result["steps_per_s"] > 0 and len(result["cluster_sizes"]) == 4
+    assert result["kmeans_backend"] in ("faiss-cpu", "faiss-gpu")   # FAISS is installed here; no scipy needed
     if not CUDA:
         assert "no CUDA device: running on CPU" in stdout and result["devices"] == ["cpu"]
 
