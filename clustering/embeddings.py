@@ -11,9 +11,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 DEFAULT_SVD_DIM = 64
 
@@ -38,7 +41,7 @@ class ItemEmbeddings:
 # interactions -> sparse matrix -> SVD
 # ----------------------------------------------------------------------------
 
-def interaction_matrix(user_indptr, item_indices=None, n_items: int | None = None) -> "sp.csr_matrix":
+def interaction_matrix(user_indptr, item_indices=None, n_items: int | None = None) -> sp.csr_matrix:
     """Binary users x items CSR matrix (float32) from CSR-like arrays.
 
     Accepts either `(user_indptr, item_indices, n_items)` — user u's items are
