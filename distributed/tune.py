@@ -516,7 +516,7 @@ def run_search(opts: SearchOptions) -> dict:
         _write_state(search_path, local_dir, state)
     grid = tuner.fit()
     return finish_search(grid, plan, space, base, search_path, local_dir, searcher_name, resumed,
-                         time.time() - started)
+                         time.time() - started, resources.workers)
 
 
 def _write_state(search_path: str, local_dir: Path, state: dict) -> None:
@@ -563,7 +563,7 @@ def trial_rows(grid, plan: dict, space: SearchSpace, base: RunConfig, stopped: s
 
 
 def finish_search(grid, plan: dict, space: SearchSpace, base: RunConfig, search_path: str, local_dir: Path,
-                  searcher: str, resumed: bool, wall_s: float) -> dict:
+                  searcher: str, resumed: bool, wall_s: float, workers: int) -> dict:
     metric_key = f"valid/{plan['metric']}"
     stopped = set()
     events = local_dir / "tune_events.jsonl"
@@ -585,7 +585,8 @@ def finish_search(grid, plan: dict, space: SearchSpace, base: RunConfig, search_
                   f"# trial {best['trial_id']}, epoch {best['best_epoch']}: {metric_key} = {best[metric_key]:.5f}; "
                   f"test at that epoch (reported, not used to choose): "
                   + ", ".join(f"{m} {best[f'test/{m}@best_valid']:.5f}" for m in SELECT_METRICS) + "\n"
-                  "# Train it: python jobs/train_ldiffrec.py --data DIR --config best_config.yaml\n")
+                  # the trials' worker count: with another, batches differ and so may the result
+                  f"# Train it: python jobs/train_ldiffrec.py --data DIR --config best_config.yaml --workers {workers}\n")
         (out / "best_config.yaml").write_text(header + yaml.safe_dump(best_config.to_dict(), sort_keys=False))
     write_trials_csv(out / "trials.csv", rows, list(space.params), metric_key)
     plot_search(out, rows, space, metric_key)

@@ -141,6 +141,7 @@ def test_search_interrupted_resumed_asha_best_config_trains(ray_local, tiny_data
 
     best = search / "best_config.yaml"
     config = load_preset(best)
+    assert "--config best_config.yaml --workers 1" in best.read_text()       # the trials' workers
     assert config.model.variant == "ltdiffrec" and config.train.select_metric == "ndcg@20"
     monkeypatch.delenv("DIFFREC_TUNE_INTERRUPT_AFTER")
     train_job = _job("train_ldiffrec")
