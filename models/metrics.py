@@ -37,8 +37,32 @@ def topk(scores: torch.Tensor, k: int, item_ids: torch.Tensor | None = None):
     ``-inf``; rows with fewer than ``k`` finite scores get ``-1`` ids at the end.
     """
     k = min(k, scores.shape[1])
+    if item_ids is None:
+        item_ids = torch.arange(scores.shape[1], device=scores.device)
+    return _topk_by_score_then_id(scores, k, lambda rows: item_ids.expand(len(rows), -1))
+
+
+def _topk_by_score_then_id(scores: torch.Tensor, k: int, ids_of_rows):
+    """``torch.topk`` picks arbitrarily among scores tied with the k-th; the rows
+    where such a tie crosses the cut (rare with float scores) are redone to keep
+    the lowest ids. ``ids_of_rows(rows)`` gives those rows' ids, shaped like
+    ``scores[rows]``."""
     values, pos = torch.topk(scores, k, dim=1)
-    ids = pos if item_ids is None else item_ids[pos]
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    ids = ids_of_rows(rows).gather(1, pos)
+    if k == 0:
+        return _order(values, ids)
+    kth = values[:, -1:]
+    inside = (values == kth).sum(1)                     # tied slots are the last ones
+    crossing = ((scores == kth).sum(1) > inside) & torch.isfinite(kth[:, 0])
+    bad = crossing.nonzero().flatten()
+    if bad.numel():
+        tied_ids = torch.where(scores[bad] == kth[bad], ids_of_rows(bad),
+                               torch.iinfo(ids.dtype).max)
+        lowest = torch.topk(tied_ids, int(inside[bad].max()), dim=1, largest=False).values
+        slot = torch.arange(k, device=ids.device) - (k - inside[bad])[:, None]
+        ids[bad] = torch.where(slot >= 0, lowest.gather(1, slot.clamp(min=0)),
+                               ids[bad])
     return _order(values, ids)
 
 
@@ -59,8 +83,7 @@ def merge_topk(values: list[torch.Tensor], ids: list[torch.Tensor], k: int):
     all_values = torch.cat([v.to(values[0].device) for v in values], dim=1)
     all_ids = torch.cat([i.to(values[0].device) for i in ids], dim=1)
     k = min(k, all_values.shape[1])
-    best_values, pos = torch.topk(all_values, k, dim=1)
-    return _order(best_values, all_ids.gather(1, pos))
+    return _topk_by_score_then_id(all_values, k, lambda rows: all_ids[rows])
 
 
 def hit_matrix(ranked_ids: torch.Tensor, target_indptr: torch.Tensor,

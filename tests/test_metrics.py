@@ -67,6 +67,30 @@ def test_ties_break_toward_lower_item_id():
     assert ids.tolist() == [[1, 3, 0, 2]]
 
 
+def lexicographic_topk(scores, k, item_ids):
+    # reference: sort every entry by (-score, id), finite entries only
+    out = []
+    for row in scores.tolist():
+        ranked = sorted((-v, int(i)) for v, i in zip(row, item_ids.tolist()) if v != float("-inf"))
+        out.append([i for _, i in ranked[:k]] + [-1] * (k - len(ranked[:k])))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_ties_at_the_cut_keep_the_lowest_ids(k):
+    # few distinct scores: ties straddle the k-th place in most rows, and torch.topk alone
+    # would keep any of the tied items
+    g = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (40, 30), generator=g).float()
+    scores[torch.rand(40, 30, generator=g) < 0.2] = float("-inf")
+    item_ids = torch.randperm(1000, generator=g)[:30]
+    assert topk(scores, k, item_ids=item_ids)[1].tolist() == lexicographic_topk(scores, k, item_ids)
+    clusters = [torch.arange(0, 30, 2), torch.arange(1, 30, 2)]
+    parts = [topk(scores[:, c], k, item_ids=item_ids[c]) for c in clusters]
+    _, merged = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+    assert merged.tolist() == lexicographic_topk(scores, k, item_ids)
+
+
 def test_masked_items_never_ranked_and_padding():
     scores = torch.tensor([[1.0, float("-inf"), 0.5]])
     _, ids = topk(scores, 3)
