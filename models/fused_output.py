@@ -20,6 +20,7 @@ import torch
 
 CHUNK_ELEMENTS = 1 << 19   # logits per chunk (2 MiB in fp32): stays in a CPU core's cache
 LOG_ZERO = -1e4            # log of a zero upstream gradient: exp() of it is exactly 0
+CANDIDATE_BLOCK = 64       # top-k: columns per block whose max is checked before its scores
 
 
 def chunk_size(batch: int, n_out: int) -> int:
@@ -126,8 +127,11 @@ class RunningTopK:
             self._compact()
             return
         # >= threshold (nextafter) keeps ties with the k-th, which the compaction orders by id
-        rows, cols = torch.nonzero(scores > torch.nextafter(self.threshold, self.threshold.new_tensor(float("-inf")))[:, None],
-                                   as_tuple=True)
+        floor = torch.nextafter(self.threshold, self.threshold.new_tensor(float("-inf")))
+        found = _sparse_above(scores, floor)
+        if found is None:
+            found = torch.nonzero(scores > floor[:, None], as_tuple=True)
+        rows, cols = found
         if rows.numel():
             self._keep(rows, scores[rows, cols], ids[cols])
         if self.size > 8 * self.batch * self.k:
@@ -169,6 +173,27 @@ class RunningTopK:
         return out_values, out_ids
 
 
+def _sparse_above(scores: torch.Tensor, floor: torch.Tensor):
+    """(rows, cols) of the scores above their row's ``floor`` when few are, else None.
+
+    Once the running threshold is tight, few scores pass it, and a mask plus
+    nonzero over the whole chunk would be most of the ranking's time. A block
+    of CANDIDATE_BLOCK columns whose max is not above the floor holds no
+    candidate, so one max pass finds the blocks worth searching and only
+    those are compared. None when over a quarter of the blocks qualify (or
+    the chunk is not whole blocks): the caller takes the plain mask."""
+    B, C = scores.shape
+    width = CANDIDATE_BLOCK
+    if C % width or C < 2 * width or not scores.is_contiguous():
+        return None
+    blocks = scores.view(B, C // width, width)
+    block_rows, block_ids = torch.nonzero(blocks.amax(2) > floor[:, None], as_tuple=True)
+    if 4 * block_rows.numel() > B * (C // width):
+        return None
+    hits, within = torch.nonzero(blocks[block_rows, block_ids] > floor[block_rows, None], as_tuple=True)
+    return block_rows[hits], block_ids[hits] * width + within
+
+
 def linear_topk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor,
                 running: RunningTopK, mask_rows: torch.Tensor | None = None,
                 mask_cols: torch.Tensor | None = None) -> None:
@@ -180,6 +205,8 @@ def linear_topk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ids: 
     batch at large N."""
     B, N = h.shape[0], weight.shape[0]
     step = chunk_size(B, N)
+    if step > CANDIDATE_BLOCK:                    # whole blocks for _sparse_above's filter
+        step -= step % CANDIDATE_BLOCK
     bounds = None
     if mask_rows is not None and mask_rows.numel():
         order = torch.argsort(mask_cols)

@@ -96,6 +96,32 @@ def test_running_topk_over_chunks_equals_full_topk(small_chunks, k):
     assert torch.equal(got, expected[1])
 
 
+def test_block_prefilter_equals_full_topk_with_ties(monkeypatch):
+    # integer scores tie often; blocks of 2 columns and 8-column chunks make most
+    # chunks take the block-max path once the threshold is tight, the rest the plain mask
+    monkeypatch.setattr(fused_output, "CHUNK_ELEMENTS", 16 * 9)    # step 9 -> 8: whole blocks
+    monkeypatch.setattr(fused_output, "CANDIDATE_BLOCK", 2)
+    taken = []
+    sparse_above = fused_output._sparse_above
+    monkeypatch.setattr(fused_output, "_sparse_above",
+                        lambda s, f: taken.append(sparse_above(s, f) is not None) or sparse_above(s, f))
+    torch.manual_seed(5)
+    B, N, k = 16, 403, 3
+    h, w = torch.randint(-3, 4, (B, 3)).float(), torch.randint(-3, 4, (N, 3)).float()
+    b = torch.zeros(N)
+    ids = torch.randperm(5000)[:N]
+    rows, cols = torch.randint(0, B, (30,)), torch.randint(0, N, (30,))
+    full = F.linear(h, w, b)
+    full[rows, cols] = float("-inf")
+    expected = topk(full, k, item_ids=ids)
+    running = RunningTopK(B, k, "cpu")
+    linear_topk(h, w, b, ids, running, rows, cols)
+    values, got = running.result()
+    assert True in taken and False in taken            # both paths ran
+    torch.testing.assert_close(values, expected[0])
+    assert torch.equal(got, expected[1])
+
+
 def test_running_topk_ties_by_lower_id_and_short_rows():
     running = RunningTopK(2, 4, "cpu")
     scores = torch.tensor([[1.0, 2.0, 2.0], [float("-inf"), 0.5, float("-inf")]])
