@@ -1,7 +1,8 @@
 """Large catalogs: L-DiffRec (and LT-DiffRec) cost against catalog size.
 
-For each catalog size N (synthetic data: N/2 users, 100 interactions per user,
-so 1,000,000 items means 500,000 users and 50,000,000 interactions):
+For each catalog size N (synthetic data: N/2 users (--users-per-item), 100
+interactions per user, so 1,000,000 items means 500,000 users and 50,000,000
+interactions):
 
   1. prepare the dataset (jobs/prepare_data.py's pipeline; kept in --workdir and
      reused by later runs, with the time it took the first time);
@@ -66,13 +67,23 @@ def scale_config(variant: str, clusters: int, latent: int, vae_hidden: int, batc
     return config
 
 
+def n_users(items: int, args) -> int:
+    return max(1, round(items * args.users_per_item))
+
+
+def data_dir(workdir: Path, items: int, users: int) -> Path:
+    """Where the synthetic set of this size lives: the default items / 2 users
+    keep the plain name, so other user counts never overwrite it."""
+    return workdir / (f"synthetic-{items}" if users == items // 2 else f"synthetic-{items}-{users}u")
+
+
 def prepared(items: int, users: int, interactions: int, workdir: Path, log) -> tuple[Path, float]:
     """The prepared synthetic set (reused when its counts match) and its preparation time."""
     from distributed.prepare import PrepareOptions, prepare_dataset
     from distributed.sources import SourceSpec
     from distributed.synthetic import SyntheticSpec
-    out = workdir / f"synthetic-{items}"
-    timing = workdir / f"synthetic-{items}.prepare.json"
+    out = data_dir(workdir, items, users)
+    timing = out.with_name(out.name + ".prepare.json")
     if (out / "meta.json").exists() and timing.exists():
         record = json.loads(timing.read_text())
         if record["spec"] == [users, items, interactions]:
@@ -162,9 +173,17 @@ def probe_widths(items: int, clusters, widths, args, workdir: Path, log, steps: 
     from models.batch import HistoryBatch
     from models.recommender import DiffusionRecommender
 
-    data = workdir / f"synthetic-{items}"
+    data = data_dir(workdir, items, n_users(items, args))
     meta = read_meta(data)
-    rows = pq.ParquetFile(user_files(data)[0]).read_row_group(0, columns=["train_items"])["train_items"].to_pylist()
+    need = args.batch_size * (steps + 1)
+    rows = []
+    for path in user_files(data):               # enough users for every timed step's full batch
+        rows += pq.read_table(path, columns=["train_items"])["train_items"].to_pylist()[:need - len(rows)]
+        if len(rows) == need:
+            break
+    if len(rows) < need:
+        raise SystemExit(f"the width probe needs {need:,} users ({steps + 1} batches of --batch-size "
+                         f"{args.batch_size}); {data} has {len(rows):,}")
     threads = torch.get_num_threads()
     out = {}
     for width in widths:
@@ -187,7 +206,8 @@ def probe_widths(items: int, clusters, widths, args, workdir: Path, log, steps: 
                 times.append(time.perf_counter() - t0)
         per_step = float(np.median(times))
         achieved = model_flops * B / per_step / 1e9
-        out[str(width)] = {"vae_hidden": width, "per_cluster_width": round(width / args.clusters, 1),
+        out[str(width)] = {"n_items": meta["n_items"], "batch_size": B, "vae_hidden": width,
+                           "per_cluster_width": round(width / args.clusters, 1),
                            "parameters": params, "s_per_step": round(per_step, 3),
                            "users_per_s": round(B / per_step, 1), "achieved_gflops": round(achieved, 1),
                            "gemm_gflops": round(gemm, 1), "gemm_fraction": round(achieved / gemm, 3),
@@ -202,7 +222,7 @@ def run_size(items: int, variant: str, args, workdir: Path, log, clusters_by_ite
     from distributed.scoring import ScoreOptions, score_batch
     from distributed.trainer import Resources, prepare_clusters, train
 
-    users = items // 2
+    users = n_users(items, args)
     interactions = users * args.per_user
     data, prepare_s = prepared(items, users, interactions, workdir, log)
     meta = read_meta(data)
@@ -276,7 +296,8 @@ def print_table(results: dict) -> None:
     probe = results.get("width_probe", {})
     results = {k: r for k, r in results.items() if k != "width_probe"}
     widths = [max(len(h), 10) for _, h, _ in COLUMNS]
-    print("model      " + " ".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
+    if results:
+        print("model      " + " ".join(f"{h:>{w}}" for (_, h, _), w in zip(COLUMNS, widths)))
     for key, r in results.items():
         print(f"{r['variant']:<10} " + " ".join(f"{f.format(r[k]):>{w}}" for (k, _, f), w in zip(COLUMNS, widths)))
     for key, r in results.items():
@@ -289,8 +310,9 @@ def print_table(results: dict) -> None:
         print(f"training cost per user, {small:,} -> {large:,} items: x{cost:.2f} "
               f"(catalog x{large / small:.0f}; linear would be x{large / small:.0f})")
     if probe:
-        print(f"\nwidth probe at {max(sizes):,} items (in-process steps): decoder width, per cluster, s/step, "
-              "users/s, GFLOP/s, of GEMM")
+        first = next(iter(probe.values()))
+        print(f"\nwidth probe at {first.get('n_items', 0):,} items, batch {first.get('batch_size', '?')} "
+              "(in-process steps): decoder width, per cluster, s/step, users/s, GFLOP/s, of GEMM")
         for r in probe.values():
             print(f"  {r['vae_hidden']:>6} {r['per_cluster_width']:>6.0f} {r['s_per_step']:>7.2f} "
                   f"{r['users_per_s']:>7.0f} {r['achieved_gflops']:>7.1f} {r['gemm_fraction']:>7.0%}")
@@ -328,6 +350,9 @@ def main(argv=None) -> dict:
     p.add_argument("--models", default="ldiffrec,ltdiffrec")
     p.add_argument("--lt-max-items", type=int, default=100_000, help="largest catalog LT-DiffRec runs at")
     p.add_argument("--per-user", type=int, default=100, help="interactions per user")
+    p.add_argument("--users-per-item", type=float, default=0.5,
+                   help="users = items x this (0.5: 1M items, 500k users); fewer users time the same "
+                        "catalog's per-user cost in a shorter run")
     p.add_argument("--clusters", type=int, default=16)
     p.add_argument("--latent", type=int, default=256)
     p.add_argument("--vae-hidden", type=int, default=512, help="decoder hidden width in all (0: none)")
@@ -372,7 +397,7 @@ def main(argv=None) -> dict:
 
 def probe_only(args, items: int, widths: list[int], workdir: Path, out_json: Path, log) -> dict:
     from distributed.trainer import prepare_clusters
-    data = workdir / f"synthetic-{items}"
+    data = data_dir(workdir, items, n_users(items, args))
     if not widths or not (data / "meta.json").exists():
         raise SystemExit(f"--probe-only needs --probe-widths and {data} prepared by an earlier full run "
                          f"with this --workdir")
@@ -387,6 +412,9 @@ def probe_only(args, items: int, widths: list[int], workdir: Path, out_json: Pat
 def report(results: dict, out_json: Path) -> dict:
     print()
     print_table(results)
+    if not any(k != "width_probe" for k in results):      # a probe alone: nothing to plot
+        print(f"\nfigures: {out_json}")
+        return results
     png = out_json.with_suffix(".png")
     plot(results, png)
     print(f"\nfigures: {out_json}  plot: {png}")
