@@ -78,6 +78,17 @@ def test_vae_loss_gradients_equal_full_log_softmax(shared, small_chunks):
 
 
 
+def assert_running_topk_is_full_topk(h, w, b, ids, rows, cols, k):
+    full = F.linear(h, w, b)
+    full[rows, cols] = float("-inf")
+    expected = topk(full, k, item_ids=ids)
+    running = RunningTopK(h.shape[0], k, "cpu")
+    linear_topk(h, w, b, ids, running, rows, cols)
+    values, got = running.result()
+    torch.testing.assert_close(values, expected[0])
+    assert torch.equal(got, expected[1])
+
+
 @pytest.mark.parametrize("k", [1, 5, 37])
 def test_running_topk_over_chunks_equals_full_topk(small_chunks, k):
     torch.manual_seed(3)
@@ -86,14 +97,7 @@ def test_running_topk_over_chunks_equals_full_topk(small_chunks, k):
     ids = torch.randperm(1000)[:N]                        # global ids of the columns
     rows = torch.tensor([0, 0, 1, 2, 2, 2])
     cols = torch.tensor([39, 3, 17, 0, 1, 20])
-    full = F.linear(h, w, b)
-    full[rows, cols] = float("-inf")
-    expected = topk(full, k, item_ids=ids)
-    running = RunningTopK(B, k, "cpu")
-    linear_topk(h, w, b, ids, running, rows, cols)
-    values, got = running.result()
-    torch.testing.assert_close(values, expected[0])
-    assert torch.equal(got, expected[1])
+    assert_running_topk_is_full_topk(h, w, b, ids, rows, cols, k)
 
 
 def test_block_prefilter_equals_full_topk_with_ties(monkeypatch):
@@ -111,15 +115,8 @@ def test_block_prefilter_equals_full_topk_with_ties(monkeypatch):
     b = torch.zeros(N)
     ids = torch.randperm(5000)[:N]
     rows, cols = torch.randint(0, B, (30,)), torch.randint(0, N, (30,))
-    full = F.linear(h, w, b)
-    full[rows, cols] = float("-inf")
-    expected = topk(full, k, item_ids=ids)
-    running = RunningTopK(B, k, "cpu")
-    linear_topk(h, w, b, ids, running, rows, cols)
-    values, got = running.result()
+    assert_running_topk_is_full_topk(h, w, b, ids, rows, cols, k)
     assert True in taken and False in taken            # both paths ran
-    torch.testing.assert_close(values, expected[0])
-    assert torch.equal(got, expected[1])
 
 
 def test_running_topk_ties_by_lower_id_and_short_rows():
