@@ -68,7 +68,7 @@ def scale_config(variant: str, clusters: int, latent: int, vae_hidden: int, batc
 
 
 def n_users(items: int, args) -> int:
-    return max(1, round(items * args.users_per_item))
+    return max(1, int(items * args.users_per_item))      # 0.5: exactly items // 2
 
 
 def data_dir(workdir: Path, items: int, users: int) -> Path:
