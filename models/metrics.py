@@ -39,17 +39,15 @@ def topk(scores: torch.Tensor, k: int, item_ids: torch.Tensor | None = None):
     k = min(k, scores.shape[1])
     if item_ids is None:
         item_ids = torch.arange(scores.shape[1], device=scores.device)
-    return _topk_by_score_then_id(scores, k, lambda rows: item_ids.expand(len(rows), -1))
+    return _topk_by_score_then_id(scores, k, item_ids)
 
 
-def _topk_by_score_then_id(scores: torch.Tensor, k: int, ids_of_rows):
+def _topk_by_score_then_id(scores: torch.Tensor, k: int, item_ids: torch.Tensor):
     """``torch.topk`` picks arbitrarily among scores tied with the k-th; the rows
     where such a tie crosses the cut (rare with float scores) are redone to keep
-    the lowest ids. ``ids_of_rows(rows)`` gives those rows' ids, shaped like
-    ``scores[rows]``."""
+    the lowest ids. ``item_ids``: one id per column ``(N,)`` or per entry ``(B, N)``."""
     values, pos = torch.topk(scores, k, dim=1)
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    ids = ids_of_rows(rows).gather(1, pos)
+    ids = item_ids[pos] if item_ids.dim() == 1 else item_ids.gather(1, pos)
     if k == 0:
         return _order(values, ids)
     kth = values[:, -1:]
@@ -57,7 +55,7 @@ def _topk_by_score_then_id(scores: torch.Tensor, k: int, ids_of_rows):
     crossing = ((scores == kth).sum(1) > inside) & torch.isfinite(kth[:, 0])
     bad = crossing.nonzero().flatten()
     if bad.numel():
-        tied_ids = torch.where(scores[bad] == kth[bad], ids_of_rows(bad),
+        tied_ids = torch.where(scores[bad] == kth[bad], item_ids if item_ids.dim() == 1 else item_ids[bad],
                                torch.iinfo(ids.dtype).max)
         lowest = torch.topk(tied_ids, int(inside[bad].max()), dim=1, largest=False).values
         slot = torch.arange(k, device=ids.device) - (k - inside[bad])[:, None]
@@ -83,7 +81,7 @@ def merge_topk(values: list[torch.Tensor], ids: list[torch.Tensor], k: int):
     all_values = torch.cat([v.to(values[0].device) for v in values], dim=1)
     all_ids = torch.cat([i.to(values[0].device) for i in ids], dim=1)
     k = min(k, all_values.shape[1])
-    return _topk_by_score_then_id(all_values, k, lambda rows: all_ids[rows])
+    return _topk_by_score_then_id(all_values, k, all_ids)
 
 
 def hit_matrix(ranked_ids: torch.Tensor, target_indptr: torch.Tensor,

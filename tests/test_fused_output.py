@@ -107,8 +107,13 @@ def test_block_prefilter_equals_full_topk_with_ties(monkeypatch):
     monkeypatch.setattr(fused_output, "CANDIDATE_BLOCK", 2)
     taken = []
     sparse_above = fused_output._sparse_above
-    monkeypatch.setattr(fused_output, "_sparse_above",
-                        lambda s, f: taken.append(sparse_above(s, f) is not None) or sparse_above(s, f))
+
+    def recording_sparse_above(scores, floor):
+        found = sparse_above(scores, floor)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(fused_output, "_sparse_above", recording_sparse_above)
     torch.manual_seed(5)
     B, N, k = 16, 403, 3
     h, w = torch.randint(-3, 4, (B, 3)).float(), torch.randint(-3, 4, (N, 3)).float()
